@@ -1,0 +1,1 @@
+"""Event-driven cache invalidation: consumes the catalog event stream."""

@@ -1,0 +1,1 @@
+"""catalog gRPC service: cache-aside reads of products from PostgreSQL through Redis."""

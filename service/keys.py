@@ -1,0 +1,123 @@
+"""Every Redis key, tag, stream and group name the catalog uses; nothing else formats keys.
+
+Layout (``ns`` is ``CATALOG_KEY_NAMESPACE``, ``SCHEMA`` the cached-format version):
+
+====================================  ==========================================================
+``<ns>:<SCHEMA>:p:{<id>}``            serialized ``Product`` bytes, or ``NEGATIVE`` (no such id)
+``<ns>:<SCHEMA>:p:{<id>}:lease``      fill lease of that product entry (same hash slot)
+``<ns>:<SCHEMA>:l:{<page>}``          a list page: its ordered product ids and next token
+``<ns>:<SCHEMA>:l:{<page>}:lease``    fill lease of that page
+``<ns>:<SCHEMA>:t:<tag>``             tag set: the value keys that depend on ``<tag>``
+``<ns>:<SCHEMA>:gen``                 generation of embedded names (bumped by renames)
+``<ns>:events``                       the event stream (unversioned: publishers depend on it)
+``<ns>:events:dead``                  dead letters of the event stream (reason + original fields)
+====================================  ==========================================================
+
+Bumping ``SCHEMA`` on a deploy that changes a cached format makes new code ignore old bytes.
+A value and its lease share a hash tag, so Redis Cluster keeps them in one slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+SCHEMA = "v1"
+LEASE_SUFFIX = ":lease"
+# Stored in a product key for an id that does not exist. Real entries are serialized Products,
+# which always start with field 1 (the id), so they can never be empty.
+NEGATIVE = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    """A dependency name whose invalidation deletes every value key registered under it."""
+
+    name: str
+
+    @staticmethod
+    def product(product_id: str) -> Tag:
+        return Tag(f"product:{product_id}")
+
+    @staticmethod
+    def category(category_id: str) -> Tag:
+        """Product entries embedding this category's name."""
+        return Tag(f"category:{category_id}")
+
+    @staticmethod
+    def brand(brand_id: str) -> Tag:
+        """Product entries embedding this brand's name."""
+        return Tag(f"brand:{brand_id}")
+
+    @staticmethod
+    def list_category(category_id: str) -> Tag:
+        return Tag(f"list:category:{category_id}")
+
+    @staticmethod
+    def list_brand(brand_id: str) -> Tag:
+        return Tag(f"list:brand:{brand_id}")
+
+    @staticmethod
+    def list_all() -> Tag:
+        return Tag("list:all")
+
+    @property
+    def embeds_name(self) -> bool:
+        """True for tags whose invalidation must also bump the generation (DESIGN 5.2)."""
+        return self.name.startswith(("category:", "brand:"))
+
+
+class Keys:
+    """Key builder bound to one namespace. Build once in ``app.py`` and pass it down."""
+
+    __slots__ = ("_dead_letter", "_events", "_prefix", "_product", "group", "stream")
+
+    def __init__(
+        self,
+        namespace: str = "catalog",
+        *,
+        stream: str = "",
+        group: str = "",
+        dead_letter_stream: str = "",
+    ) -> None:
+        """Empty stream, group or dead-letter names take their defaults (``<ns>:events``,
+        ``invalidator``, ``<stream>:dead``); the invalidator's settings may override them."""
+        self._prefix = f"{namespace}:{SCHEMA}:"
+        self._product = f"{namespace}:{SCHEMA}:p:"
+        self.stream = stream or f"{namespace}:events"
+        self.group = group or "invalidator"
+        self._dead_letter = dead_letter_stream
+
+    @property
+    def prefix(self) -> str:
+        """Common prefix of every versioned key (tests and tools scan with it)."""
+        return self._prefix
+
+    def product(self, product_id: str) -> str:
+        return self._product + "{" + product_id + "}"
+
+    @property
+    def product_key_parts(self) -> tuple[str, str]:
+        """(before id, after id): lets a Lua script build product keys from ids it reads."""
+        return self._product + "{", "}"
+
+    def page(self, category_id: str, brand_id: str, after_id: str, page_size: int) -> str:
+        """One list page: filter, position and size. Hashed so any id characters are safe."""
+        raw = f"{category_id}\x00{brand_id}\x00{after_id}\x00{page_size}".encode()
+        return self._prefix + "l:{" + hashlib.blake2b(raw, digest_size=12).hexdigest() + "}"
+
+    @staticmethod
+    def lease(value_key: str) -> str:
+        return value_key + LEASE_SUFFIX
+
+    def tag(self, tag: Tag) -> str:
+        return self._prefix + "t:" + tag.name
+
+    @property
+    def generation(self) -> str:
+        return self._prefix + "gen"
+
+    @property
+    def dead_letter_stream(self) -> str:
+        """Entries the invalidator could not apply, with the reason (``catalog dlq``)."""
+        return self._dead_letter or self.stream + ":dead"
