@@ -1,0 +1,109 @@
+"""The ``catalog`` command line: one subcommand per operational task.
+
+Invariants: :class:`Settings` is built once, here, from the environment and passed to the
+subcommand; a configuration error exits with status 2 and a one-line message, PostgreSQL being
+unreachable exits with status 1 and a message naming the (password-free) URL, and a bug still
+shows its traceback. A subcommand is a ``(name, help, add_arguments, handler)`` entry of
+:data:`COMMANDS`; its handler gets the settings and the parsed arguments and returns the exit
+status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from service.db import is_connection_error
+from service.settings import Settings, SettingsError
+
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    help: str
+    handler: Handler
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from service.migrations import current, upgrade
+
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up chatter
+    upgrade(settings.database_url)
+    print(f"database at revision {current(settings.database_url)}")
+    return 0
+
+
+def _seed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--products", type=_positive_int, default=10_000, help="how many")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (same seed, same data)")
+    parser.add_argument("--reset", action="store_true", help="delete the current catalog first")
+
+
+def _seed(settings: Settings, args: argparse.Namespace) -> int:
+    from service.seed import seed_catalog
+
+    started = time.perf_counter()
+    written = seed_catalog(settings.database_url, args.products, args.seed, args.reset)
+    if written == 0:
+        print("catalog already has products; nothing seeded (use --reset to replace them)")
+    else:
+        print(f"seeded {written} products in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    # serve: the lead adds Command("serve", ..., handler calling service.app.run(settings)) here.
+    Command("migrate", "apply database migrations up to the newest revision", _migrate),
+    Command("seed", "load deterministic demo data", _seed, _seed_arguments),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"catalog: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(settings, args)
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        print(
+            f"catalog {args.command}: PostgreSQL unreachable at {settings.database_url_safe}: "
+            f"{getattr(exc, 'orig', None) or exc}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="catalog",
+        description="Product catalog service. Configured by CATALOG_* environment variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.handler)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
