@@ -1,0 +1,51 @@
+"""A circuit breaker for the cache: after ``failures`` consecutive errors, skip Redis for
+``reset_s`` seconds, then let one probe through (half-open). Pure: the clock is injected.
+
+A dead Redis then costs a comparison per read instead of a socket timeout per read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from service.metrics import BREAKER_OPEN
+
+
+class CircuitBreaker:
+    __slots__ = ("_clock", "_failures", "_open_until", "_probing", "failures", "reset_s")
+
+    def __init__(
+        self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.failures = failures
+        self.reset_s = reset_s
+        self._clock = clock
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self.failures
+
+    def allow(self) -> bool:
+        """May this call use Redis? Closed: yes. Open: no, until reset_s passed; then one probe."""
+        if self._failures < self.failures:
+            return True
+        if self._probing or self._clock() < self._open_until:
+            return False
+        self._probing = True
+        return True
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+
+    def failure(self) -> None:
+        self._failures += 1
+        self._probing = False
+        if self._failures >= self.failures:
+            if self._failures == self.failures:
+                BREAKER_OPEN.inc()
+            self._open_until = self._clock() + self.reset_s

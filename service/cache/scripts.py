@@ -1,0 +1,116 @@
+"""Every Lua script the catalog runs, with its KEYS and ARGV. Registered once per client.
+
+Each script is one atomic step; together they implement DESIGN section 5:
+
+* ``ACQUIRE`` takes a lease per value key and, in the same step, registers the key in the tag
+  sets known before the database read, so an invalidation that runs while the fill is in flight
+  finds the key and voids its lease.
+* ``FILL`` writes a value only while its lease is still the caller's and the name generation is
+  the one seen at lease time, and adds the key to all its tags in the same step.
+* ``INVALIDATE`` deletes every member of the given tag sets together with their leases, then the
+  sets; being one script, a member added concurrently is either deleted or added after it.
+
+Lua builds two kinds of key itself: a lease from its value key (``value .. ':lease'``, same hash
+slot) and product keys from the ids of a page (``ASSEMBLE_PAGE``). Under Redis Cluster those
+run per slot; see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+# KEYS: gen, then per entry: value, lease, then `ntags` tag sets
+# ARGV: token, lease_ttl_ms, tag_min_ttl_ms, ntags
+# Returns {gen, r1, r2, ...}: r = the value (bytes) when present, 1 when this call took the
+# lease, 0 when another reader holds it.
+ACQUIRE = """
+local token, lease_ttl, tag_ttl, ntags = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {redis.call('GET', KEYS[1]) or '0'}
+local i = 2
+while i <= #KEYS do
+  local value = redis.call('GET', KEYS[i])
+  if value then
+    out[#out + 1] = value
+  elseif redis.call('SET', KEYS[i + 1], token, 'NX', 'PX', lease_ttl) then
+    for t = i + 2, i + 1 + ntags do
+      redis.call('SADD', KEYS[t], KEYS[i])
+      if redis.call('PTTL', KEYS[t]) < tag_ttl then redis.call('PEXPIRE', KEYS[t], tag_ttl) end
+    end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  i = i + 2 + ntags
+end
+return out
+"""
+
+# KEYS: gen, then per entry: value, lease, then its tag sets
+# ARGV: token, gen_seen, tag_margin_ms, then per entry: ntags, ttl_ms, data
+# Returns {ok1, ok2, ...}: 1 written, 0 refused (lease voided/expired/foreign, or generation moved).
+# A lease still ours is released either way, so waiters need not wait for it to expire.
+FILL = """
+local token, margin = ARGV[1], tonumber(ARGV[3])
+local gen_ok = (redis.call('GET', KEYS[1]) or '0') == ARGV[2]
+local out = {}
+local k, a = 2, 4
+while a <= #ARGV do
+  local ntags, ttl, data = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local value, lease = KEYS[k], KEYS[k + 1]
+  local own = redis.call('GET', lease) == token
+  if own then redis.call('DEL', lease) end
+  if own and gen_ok then
+    redis.call('SET', value, data, 'PX', ttl)
+    for t = k + 2, k + 1 + ntags do
+      redis.call('SADD', KEYS[t], value)
+      if redis.call('PTTL', KEYS[t]) < ttl + margin then
+        redis.call('PEXPIRE', KEYS[t], ttl + margin)
+      end
+    end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  k, a = k + 2 + ntags, a + 3
+end
+return out
+"""
+
+# KEYS: leases to release.  ARGV: token.  Deletes only leases still holding the token.
+RELEASE = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then n = n + redis.call('DEL', KEYS[i]) end
+end
+return n
+"""
+
+# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix.
+# Returns the number of value keys and leases deleted.
+INVALIDATE = """
+local n = 0
+for i = 2, #KEYS do
+  local members = redis.call('SMEMBERS', KEYS[i])
+  for j = 1, #members do
+    n = n + redis.call('DEL', members[j], members[j] .. ARGV[2])
+  end
+  redis.call('DEL', KEYS[i])
+end
+if ARGV[1] == '1' then redis.call('INCR', KEYS[1]) end
+return n
+"""
+
+# KEYS: page key.  ARGV: product key prefix, product key suffix.
+# A page entry is "<next_token>\n<id>,<id>,...". Returns false on a miss, else
+# {page, product1 or false, product2 or false, ...} in page order.
+ASSEMBLE_PAGE = """
+local page = redis.call('GET', KEYS[1])
+if not page then return false end
+local nl = string.find(page, '\\n', 1, true)
+local keys = {}
+for id in string.gmatch(string.sub(page, nl + 1), '[^,]+') do
+  keys[#keys + 1] = ARGV[1] .. id .. ARGV[2]
+end
+if #keys == 0 then return {page} end
+local out = redis.call('MGET', unpack(keys))
+table.insert(out, 1, page)
+return out
+"""

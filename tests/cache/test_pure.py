@@ -1,0 +1,134 @@
+"""Plain unit tests of the cache's pure pieces: breaker, single-flight, TTLs, wire encoding."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from catalog.v1 import catalog_pb2 as pb
+from service.cache import ttl, wire
+from service.cache.breaker import CircuitBreaker
+from service.cache.singleflight import SingleFlight
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_k_failures_and_probes_once_after_reset() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures=3, reset_s=2.0, clock=clock)
+    for _ in range(2):
+        breaker.failure()
+    assert breaker.allow(), "still closed below the threshold"
+    breaker.failure()
+    assert not breaker.allow()
+    clock.now += 1.9
+    assert not breaker.allow()
+    clock.now += 0.2
+    assert breaker.allow(), "one probe after reset_s"
+    assert not breaker.allow(), "only one probe at a time"
+    breaker.failure()
+    assert not breaker.allow(), "a failed probe re-opens for reset_s"
+    clock.now += 2.1
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.allow() and breaker.allow(), "a good probe closes it"
+
+
+def test_breaker_success_resets_the_failure_count() -> None:
+    breaker = CircuitBreaker(failures=2, reset_s=1.0, clock=Clock())
+    breaker.failure()
+    breaker.success()
+    breaker.failure()
+    assert breaker.allow()
+
+
+async def test_singleflight_shares_one_call_among_concurrent_callers() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    calls = 0
+    gate = asyncio.Event()
+
+    async def load() -> int:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return 42
+
+    waiters = [asyncio.ensure_future(flight.do("k", load)) for _ in range(50)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(*waiters) == [42] * 50
+    assert calls == 1
+    assert len(flight) == 0, "finished keys are forgotten"
+
+
+async def test_singleflight_survives_one_caller_cancelling() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    gate = asyncio.Event()
+
+    async def load() -> int:
+        await gate.wait()
+        return 7
+
+    first = asyncio.ensure_future(flight.do("k", load))
+    second = asyncio.ensure_future(flight.do("k", load))
+    await asyncio.sleep(0)
+    first.cancel()
+    gate.set()
+    assert await second == 7
+
+
+async def test_singleflight_propagates_errors_to_every_caller() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+
+    async def load() -> int:
+        await asyncio.sleep(0)
+        raise RuntimeError("db down")
+
+    results = await asyncio.gather(
+        flight.do("k", load), flight.do("k", load), return_exceptions=True
+    )
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_jitter_stays_within_bounds_and_spreads() -> None:
+    rand = random.Random(1)
+    values = [ttl.jittered_ms(100.0, 0.1, rand) for _ in range(2000)]
+    assert min(values) >= 90_000 and max(values) <= 110_000
+    assert len(set(values)) > 1000
+
+
+def test_ttl_is_capped_at_next_price_change() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert ttl.capped_ms(300_000, now + timedelta(seconds=5), now) == 5000
+    assert ttl.capped_ms(300_000, None, now) == 300_000
+    assert ttl.capped_ms(300_000, now - timedelta(seconds=1), now) == ttl.MIN_TTL_MS
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16_383, 16_384, 2**31])
+def test_varint_matches_protobuf(n: int) -> None:
+    encoded = wire.varint(n)
+    decoded, shift = 0, 0
+    for byte in encoded:
+        decoded |= (byte & 0x7F) << shift
+        shift += 7
+    assert decoded == n
+    assert all(b & 0x80 for b in encoded[:-1]) and not encoded[-1] & 0x80
+
+
+def test_assembled_list_response_parses_as_protobuf() -> None:
+    products = [pb.Product(id=f"p{i}", name="n" * (i * 40)).SerializeToString() for i in range(5)]
+    out: list[bytes] = []
+    wire.repeated(1, products, out)
+    out.append(wire.field(2, b"token"))
+    parsed = pb.ListProductsResponse.FromString(b"".join(out))
+    assert [p.id for p in parsed.products] == [f"p{i}" for i in range(5)]
+    assert parsed.next_page_token == "token"

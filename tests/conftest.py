@@ -1,0 +1,166 @@
+"""Real servers for the test suite.
+
+Redis: a private ``redis-server`` per session (``TEST_REDIS_URL`` overrides). PostgreSQL: a fresh,
+uniquely named database on ``TEST_DATABASE_URL`` (default: the local server on 127.0.0.1:5432),
+migrated and seeded once, dropped at the end. Tests share those servers but never each other's
+data: every test gets its own Redis key namespace, so nothing is ever flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from service.localservers import RedisProcess
+from service.settings import Settings
+
+SEED_PRODUCTS = 300
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    with RedisProcess(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A Redis of this test's own, which it may stop and restart."""
+    server = RedisProcess(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def _admin_conninfo(url: str) -> tuple[str, str]:
+    """(libpq conninfo of the server's maintenance db, SQLAlchemy URL template)."""
+    sa_url = make_url(url)
+    conninfo = psycopg.conninfo.make_conninfo(
+        host=sa_url.host or "127.0.0.1",
+        port=sa_url.port or 5432,
+        user=sa_url.username or "postgres",
+        password=sa_url.password or None,
+        dbname="postgres",
+    )
+    return conninfo, url
+
+
+def create_database(base_url: str) -> str:
+    """Create a uniquely named empty database; return its SQLAlchemy URL."""
+    conninfo, _ = _admin_conninfo(base_url)
+    name = f"catalog_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return (
+        make_url(base_url)
+        .set(database=name, drivername="postgresql+psycopg")
+        .render_as_string(hide_password=False)
+    )
+
+
+def drop_database(url: str) -> None:
+    conninfo, _ = _admin_conninfo(url)
+    name = make_url(url).database
+    assert name is not None and name.startswith("catalog_test_")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> str:
+    return os.environ.get(
+        "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_base_url: str) -> Iterator[str]:
+    """A migrated database seeded with SEED_PRODUCTS products (seed 42), shared read-only."""
+    from service.migrations import upgrade
+    from service.seed import seed_catalog
+
+    url = create_database(pg_base_url)
+    try:
+        upgrade(url)
+        seed_catalog(url, products=SEED_PRODUCTS, seed=42)
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture
+def fresh_database_url(pg_base_url: str) -> Iterator[str]:
+    """A migrated, seeded database of this test's own, which it may write to."""
+    from service.migrations import upgrade
+    from service.seed import seed_catalog
+
+    url = create_database(pg_base_url)
+    try:
+        upgrade(url)
+        seed_catalog(url, products=SEED_PRODUCTS, seed=42)
+        yield url
+    finally:
+        drop_database(url)
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str) -> Settings:
+    """Settings for one test: shared servers, a key namespace of its own."""
+    return Settings.from_env(
+        {},
+        database_url=database_url,
+        redis_url=redis_url,
+        key_namespace=f"t{uuid.uuid4().hex[:10]}",
+        metrics_port=0,
+    )
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[object]:
+    from service.db import create_engine
+
+    eng = create_engine(Settings.from_env({}, database_url=database_url))
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+async def redis_client(settings: Settings) -> AsyncIterator[object]:
+    """A client on the shared Redis; deletes every key of this test's namespace afterwards."""
+    from service.app import create_redis
+
+    client = create_redis(settings.replace(redis_connect_timeout_s=5.0), socket_timeout=5.0)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{settings.key_namespace}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def service(settings: Settings, redis_client: object) -> AsyncIterator[object]:
+    """The gRPC service in this process, on a free port, with this test's settings."""
+    from service.app import start
+
+    svc = await start(settings.replace(grpc_address="127.0.0.1:0"))
+    yield svc
+    await svc.stop(grace=0)
+
+
+@pytest.fixture
+async def stub(service: object) -> AsyncIterator[object]:
+    from grpc import aio
+
+    from catalog.v1 import catalog_pb2_grpc
+
+    async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:  # type: ignore[attr-defined]
+        yield catalog_pb2_grpc.CatalogServiceStub(channel)
