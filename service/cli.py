@@ -40,6 +40,15 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from service.app import run
+
+    asyncio.run(run(settings))
+    return 0
+
+
 def _seed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--products", type=_positive_int, default=10_000, help="how many")
     parser.add_argument("--seed", type=int, default=42, help="random seed (same seed, same data)")
@@ -59,7 +68,7 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 COMMANDS: tuple[Command, ...] = (
-    # serve: the lead adds Command("serve", ..., handler calling service.app.run(settings)) here.
+    Command("serve", "run the gRPC service until SIGTERM/SIGINT", _serve),
     Command("migrate", "apply database migrations up to the newest revision", _migrate),
     Command("seed", "load deterministic demo data", _seed, _seed_arguments),
 )

@@ -1,0 +1,167 @@
+"""Wiring and lifecycle: the only place clients (Redis, PostgreSQL) are built.
+
+:func:`run` owns a server process from start to exit: metrics, clients, the gRPC server with
+health and reflection, the health monitor, and graceful shutdown on SIGTERM/SIGINT (health turns
+NOT_SERVING, new RPCs are refused, in-flight ones get ``shutdown_grace_s``, pools are closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # the asyncio servicer (no public alias)
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.cache.reader import Reader
+from service.cache.store import CacheStore
+from service.db import create_engine
+from service.grpc_api import SERVICE_NAME, CatalogApi, generic_handler
+from service.keys import Keys
+from service.metrics import start_metrics_server
+from service.pagetokens import PageTokens
+from service.repository import Repository
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def create_redis(settings: Settings, *, socket_timeout: float | None = None) -> Redis:
+    """A Redis client for the read path: short timeouts and no retries (the breaker decides).
+
+    The pool blocks for a free connection (up to ``redis_pool_timeout_s``) instead of failing at
+    once, so a burst of concurrent reads queues rather than tripping the breaker.
+    """
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_s,
+        socket_timeout=socket_timeout or settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis(connection_pool=pool)
+
+
+def create_store(redis: Redis, settings: Settings) -> CacheStore:
+    return CacheStore(
+        redis,
+        Keys(settings.key_namespace),
+        lease_ttl_ms=settings.lease_ttl_ms,
+        tag_margin_ms=int(settings.tag_ttl_margin_s * 1000),
+    )
+
+
+@dataclass
+class Service:
+    """A started gRPC server and everything it holds."""
+
+    settings: Settings
+    server: aio.Server
+    port: int
+    redis: Redis
+    engine: AsyncEngine
+    reader: Reader
+    health: HealthServicer
+    _monitor: asyncio.Task[None]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, wait ``shutdown_drain_s``, refuse new RPCs, finish in-flight."""
+        await self.health.enter_graceful_shutdown()
+        if self.settings.shutdown_drain_s:
+            await asyncio.sleep(self.settings.shutdown_drain_s)
+        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        self._monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._monitor
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+async def start(
+    settings: Settings, repository: Callable[[AsyncEngine], Repository] = Repository
+) -> Service:
+    """Build clients and start serving on ``settings.grpc_address`` (port 0: any free port).
+
+    ``repository`` lets tests pause or break database reads around the real queries.
+    """
+    engine = create_engine(settings)
+    redis = create_redis(settings)
+    repo = repository(engine)
+    keys = Keys(settings.key_namespace)
+    store = create_store(redis, settings) if settings.cache_enabled else None
+    reader = Reader(store, repo, keys, settings)
+    api = CatalogApi(reader, PageTokens(settings.page_token_secret))
+
+    server = aio.server(
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    server.add_generic_rpc_handlers((generic_handler(api),))
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.grpc_address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.grpc_address}")
+    await _check_health(repo, health_servicer, settings)
+    await server.start()
+    monitor = asyncio.create_task(_monitor_health(repo, health_servicer, settings))
+    log.info("serving catalog.v1 on port %d (cache %s)", port, "on" if store else "off")
+    return Service(settings, server, port, redis, engine, reader, health_servicer, monitor)
+
+
+async def _check_health(repo: Repository, servicer: HealthServicer, settings: Settings) -> None:
+    """SERVING only while PostgreSQL, the source of truth, answers. Redis is optional."""
+    try:
+        async with asyncio.timeout(settings.db_connect_timeout_s):
+            await repo.ping()
+        status = SERVING
+    except Exception as exc:
+        log.warning("health: PostgreSQL not answering (%s)", type(exc).__name__)
+        status = NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+async def _monitor_health(repo: Repository, servicer: HealthServicer, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(settings.health_check_interval_s)
+        await _check_health(repo, servicer, settings)
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    start_metrics_server(settings.metrics_port, settings.metrics_address)
+    service = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
+    finally:
+        await service.stop()
+    log.info("stopped")
+
+
+__all__ = ["Service", "create_redis", "create_store", "run", "start"]

@@ -1,0 +1,224 @@
+"""The read path's correctness under forced interleavings, on real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import psycopg
+import pytest
+from grpc import aio
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from catalog.v1 import catalog_pb2 as pb
+from catalog.v1 import catalog_pb2_grpc
+from service.app import create_store, start
+from service.cache.reader import Reader
+from service.cache.store import Acquired, FillItem
+from service.db import create_engine, libpq_url
+from service.keys import Keys, Tag
+from service.localservers import RedisProcess
+from service.repository import LoadedProduct, Repository
+from service.settings import Settings
+from tests.helpers import Delta, eventually
+
+PID = "p0000005"
+
+
+class PausedAfterRead(Repository):
+    """The real repository, but each product read waits after it has read the database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.has_read = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    async def get_products(self, ids: Sequence[str]) -> dict[str, LoadedProduct]:
+        rows = await super().get_products(ids)
+        self.has_read.set()
+        await self.proceed.wait()
+        return rows
+
+
+@pytest.fixture
+async def writable(settings: Settings, fresh_database_url: str) -> AsyncIterator[Settings]:
+    yield settings.replace(database_url=fresh_database_url)
+
+
+@pytest.fixture
+async def engine_for(writable: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(writable)
+    yield engine
+    await engine.dispose()
+
+
+def db_product(url: str, product_id: str) -> tuple[str, str]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        row = conn.execute(
+            "SELECT p.name, c.name FROM products p JOIN categories c ON c.id = p.category_id "
+            "WHERE p.id = %s",
+            (product_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def db_execute(url: str, sql: str, *params: object) -> None:
+    with psycopg.connect(libpq_url(url)) as conn:
+        conn.execute(sql, params)
+
+
+async def test_stale_fill_after_invalidation_is_refused(
+    writable: Settings, engine_for: AsyncEngine, redis_client: Redis
+) -> None:
+    """Reader reads the DB; the product is updated and invalidated; then the reader fills."""
+    store = create_store(redis_client, writable)
+    paused = PausedAfterRead(engine_for)
+    reader = Reader(store, paused, Keys(writable.key_namespace), writable)
+    refused = Delta("catalog_fill_refused_total")
+
+    in_flight = asyncio.ensure_future(reader.get_product(PID))
+    await paused.has_read.wait()
+    db_execute(
+        writable.database_url,
+        "UPDATE products SET name = 'renamed', version = version + 1 WHERE id = %s",
+        PID,
+    )
+    await store.invalidate([Tag.product(PID)])
+    paused.proceed.set()
+    old = pb.Product.FromString(await in_flight or b"")
+    assert old.name != "renamed", "the in-flight read answers with what it read"
+
+    assert refused() == 1
+    assert await store.get(Keys(writable.key_namespace).product(PID)) is None
+    fresh = Reader(store, Repository(engine_for), Keys(writable.key_namespace), writable)
+    assert pb.Product.FromString(await fresh.get_product(PID) or b"").name == "renamed"
+    cached = await store.get(Keys(writable.key_namespace).product(PID))
+    assert pb.Product.FromString(cached or b"").name == "renamed", "cache ends equal to the DB"
+
+
+def schedules(rng: random.Random) -> list[tuple[bool, list[int]]]:
+    """(rename?, actor order): every order of one reader against the writer, for both kinds of
+    write, then random orders of two readers against the writer."""
+    orders = [list(p) for p in sorted(set(itertools.permutations([0, 0, 0, 2, 2])))]
+    out = [(rename, order) for rename in (False, True) for order in orders]
+    for _ in range(150):
+        order = [0, 0, 0, 1, 1, 1, 2, 2]
+        rng.shuffle(order)
+        out.append((rng.random() < 0.4, order))
+    return out
+
+
+async def test_interleavings_never_leave_a_stale_entry(
+    writable: Settings, engine_for: AsyncEngine, redis_client: Redis
+) -> None:
+    """Readers (lease, read DB, fill) against a writer (update DB, invalidate), in every order
+    for one reader and random orders for two, with product edits and category renames;
+    afterwards the cache equals the DB."""
+    store = create_store(redis_client, writable)
+    keys = Keys(writable.key_namespace)
+    repo = Repository(engine_for)
+    key, product_tag = keys.product(PID), keys.tag(Tag.product(PID))
+    url = writable.database_url
+    rng = random.Random(2024)
+    category_id = (await repo.get_products([PID]))[PID].category_id
+
+    for round_no, (rename, order) in enumerate(schedules(rng)):
+        leases: dict[str, Acquired] = {}
+        rows: dict[str, LoadedProduct] = {}
+
+        def reader_steps(me: str) -> list[Callable[[], Awaitable[None]]]:
+            async def lease() -> None:
+                leases[me] = await store.acquire([key], [[product_tag]])
+
+            async def read() -> None:
+                rows[me] = (await repo.get_products([PID]))[PID]
+
+            async def fill() -> None:
+                acquired, row = leases[me], rows[me]
+                if acquired.outcomes == [True]:
+                    cat, brand = Tag.category(row.category_id), Tag.brand(row.brand_id)
+                    item = FillItem(
+                        key, row.data, 60_000, [product_tag, keys.tag(cat), keys.tag(brand)]
+                    )
+                    await store.fill(acquired.token, acquired.generation, [item])
+
+            return [lease, read, fill]
+
+        async def write() -> None:
+            if rename:
+                db_execute(
+                    url,
+                    "UPDATE categories SET name = %s WHERE id = %s",
+                    f"cat-{round_no}",
+                    category_id,
+                )
+            else:
+                db_execute(
+                    url,
+                    "UPDATE products SET name = %s, version = version + 1 WHERE id = %s",
+                    f"name-{round_no}",
+                    PID,
+                )
+
+        async def invalidate() -> None:
+            await store.invalidate([Tag.category(category_id)] if rename else [Tag.product(PID)])
+
+        actors: list[list[Callable[[], Awaitable[None]]]] = [
+            reader_steps("a"),
+            reader_steps("b"),
+            [write, invalidate],
+        ]
+        for actor in order:
+            await actors[actor].pop(0)()
+
+        cached = await store.get(key)
+        if cached:
+            product = pb.Product.FromString(cached)
+            assert (product.name, product.category.name) == db_product(url, PID), (
+                f"round {round_no}"
+            )
+        await store.invalidate([Tag.product(PID)])
+
+
+async def test_reads_survive_redis_stopping_and_hits_resume_after_it_returns(
+    settings: Settings, private_redis: RedisProcess
+) -> None:
+    svc = await start(
+        settings.replace(
+            grpc_address="127.0.0.1:0",
+            redis_url=private_redis.url,
+            breaker_failures=2,
+            breaker_reset_s=0.2,
+        )
+    )
+    hits = Delta("catalog_cache_requests_total", op="get", result="hit")
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            request = pb.GetProductRequest(id=PID)
+            expected = await stub.GetProduct(request)
+            assert await stub.GetProduct(request) == expected and hits() == 1
+
+            private_redis.stop()
+            errors = Delta("catalog_redis_errors_total")
+            for _ in range(50):
+                assert await stub.GetProduct(request) == expected
+            page = await stub.ListProducts(pb.ListProductsRequest(page_size=5))
+            batch = await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=[PID, "nope"]))
+            assert len(page.products) == 5 and batch.results[0].product == expected
+            assert 1 <= errors() <= 10, "the breaker stops paying for a dead Redis"
+
+            private_redis.start()
+
+            async def hit_again() -> bool:
+                before = hits()
+                assert await stub.GetProduct(request) == expected
+                return hits() > before
+
+            await eventually(hit_again, what="a cache hit after Redis returned")
+    finally:
+        await svc.stop(grace=0)
