@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
         sub.set_defaults(handler=command.handler)
+    from invalidator.cli import register
+
+    register(commands)
     return parser
 
 

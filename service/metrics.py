@@ -30,7 +30,7 @@ RPC_LATENCY = Histogram(
 def start_metrics_server(port: int, address: str) -> None:
     """Serve ``/metrics`` on ``address:port`` in a daemon thread; port 0 disables it."""
     if port == 0:
-        log.info("metrics disabled (CATALOG_METRICS_PORT=0)")
+        log.info("metrics endpoint disabled (port 0)")
         return
     start_http_server(port, addr=address)
     log.info("metrics on http://%s:%d/metrics", address, port)

@@ -12,10 +12,12 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
 PREFIX = "CATALOG_"
+T = TypeVar("T")
+DEV_PAGE_TOKEN_SECRET = "dev-only-page-token-secret"
 
 
 class SettingsError(ValueError):
@@ -34,11 +36,11 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _secret(default: str, doc: str) -> Any:
+def secret(default: str, doc: str) -> Any:
     return field(default=default, repr=False, metadata={"doc": doc, "secret": True})
 
 
-def _opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None) -> Any:
+def option(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None) -> Any:
     return field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi})
 
 
@@ -46,48 +48,48 @@ def _opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = 
 class Settings:
     """All knobs of the service and the invalidator. Env var = ``CATALOG_`` + upper-case name."""
 
-    database_url: str = _secret(
+    database_url: str = secret(
         "postgresql+psycopg://postgres@127.0.0.1:5432/catalog", "SQLAlchemy URL of PostgreSQL"
     )
-    redis_url: str = _secret("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)")
-    grpc_address: str = _opt("127.0.0.1:50051", "host:port the gRPC server listens on")
-    metrics_port: int = _opt(9464, "Prometheus metrics HTTP port; 0 disables", lo=0, hi=65535)
-    metrics_address: str = _opt("127.0.0.1", "address the metrics HTTP server binds")
-    key_namespace: str = _opt("catalog", "prefix of every Redis key (several catalogs per Redis)")
-    cache_enabled: bool = _opt(True, "false serves every read from PostgreSQL (baseline, debug)")
-    page_token_secret: str = _secret(
-        "dev-only-page-token-secret", "HMAC key that signs page tokens; set it in production"
+    redis_url: str = secret("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)")
+    grpc_address: str = option("127.0.0.1:50051", "host:port the gRPC server listens on")
+    metrics_port: int = option(9464, "Prometheus metrics HTTP port; 0 disables", lo=0, hi=65535)
+    metrics_address: str = option("127.0.0.1", "address the metrics HTTP server binds")
+    key_namespace: str = option("catalog", "prefix of every Redis key (several catalogs per Redis)")
+    cache_enabled: bool = option(True, "false serves every read from PostgreSQL (baseline, debug)")
+    page_token_secret: str = secret(
+        DEV_PAGE_TOKEN_SECRET, "HMAC key signing page tokens; same on every replica"
     )
 
-    product_ttl_s: float = _opt(300.0, "TTL of a cached product", lo=1, hi=7 * 86400)
-    page_ttl_s: float = _opt(300.0, "TTL of a cached list page (ids only)", lo=1, hi=7 * 86400)
-    negative_ttl_s: float = _opt(30.0, "TTL of a 'no such product' entry", lo=0.1, hi=3600)
-    ttl_jitter: float = _opt(0.1, "relative TTL jitter (0.1 = +-10%)", lo=0, hi=0.5)
-    tag_ttl_margin_s: float = _opt(60.0, "how much longer a tag set lives than its members", lo=1)
+    product_ttl_s: float = option(300.0, "TTL of a cached product", lo=1, hi=7 * 86400)
+    page_ttl_s: float = option(300.0, "TTL of a cached list page (ids only)", lo=1, hi=7 * 86400)
+    negative_ttl_s: float = option(30.0, "TTL of a 'no such product' entry", lo=0.1, hi=3600)
+    ttl_jitter: float = option(0.1, "relative TTL jitter (0.1 = +-10%)", lo=0, hi=0.5)
+    tag_ttl_margin_s: float = option(60.0, "how much longer a tag set lives than its members", lo=1)
 
-    lease_ttl_ms: int = _opt(3000, "lease (fill lock) lifetime", lo=10, hi=120_000)
-    lease_wait_ms: int = _opt(1000, "longest a reader waits for another's fill", lo=0, hi=60_000)
-    lease_poll_ms: int = _opt(5, "poll interval while waiting for a fill", lo=1, hi=1000)
+    lease_ttl_ms: int = option(3000, "lease (fill lock) lifetime", lo=10, hi=120_000)
+    lease_wait_ms: int = option(1000, "longest a reader waits for another's fill", lo=0, hi=60_000)
+    lease_poll_ms: int = option(5, "poll interval while waiting for a fill", lo=1, hi=1000)
 
-    redis_socket_timeout_s: float = _opt(0.25, "Redis command timeout on the read path", lo=0.001)
-    redis_connect_timeout_s: float = _opt(0.5, "Redis connect timeout", lo=0.001)
-    redis_max_connections: int = _opt(64, "Redis connection pool size", lo=1, hi=10_000)
-    redis_pool_timeout_s: float = _opt(1.0, "wait for a free pooled Redis connection", lo=0.001)
-    breaker_failures: int = _opt(5, "consecutive Redis failures that open the breaker", lo=1)
-    breaker_reset_s: float = _opt(1.0, "how long an open breaker skips Redis", lo=0.01)
+    redis_socket_timeout_s: float = option(0.25, "Redis command timeout on the read path", lo=0.001)
+    redis_connect_timeout_s: float = option(0.5, "Redis connect timeout", lo=0.001)
+    redis_max_connections: int = option(64, "Redis connection pool size", lo=1, hi=10_000)
+    redis_pool_timeout_s: float = option(1.0, "wait for a free pooled Redis connection", lo=0.001)
+    breaker_failures: int = option(5, "consecutive Redis failures that open the breaker", lo=1)
+    breaker_reset_s: float = option(1.0, "how long an open breaker skips Redis", lo=0.01)
 
-    db_pool_size: int = _opt(10, "PostgreSQL connections kept open", lo=1, hi=1000)
-    db_max_overflow: int = _opt(10, "extra PostgreSQL connections under load", lo=0, hi=1000)
-    db_pool_timeout_s: float = _opt(5.0, "wait for a free PostgreSQL connection", lo=0.01)
-    db_connect_timeout_s: float = _opt(3.0, "PostgreSQL connect timeout", lo=0.1)
-    db_statement_timeout_ms: int = _opt(5000, "server-side cap on one SQL statement", lo=0)
-    health_check_interval_s: float = _opt(2.0, "how often health probes PostgreSQL", lo=0.05)
+    db_pool_size: int = option(10, "PostgreSQL connections kept open", lo=1, hi=1000)
+    db_max_overflow: int = option(10, "extra PostgreSQL connections under load", lo=0, hi=1000)
+    db_pool_timeout_s: float = option(5.0, "wait for a free PostgreSQL connection", lo=0.01)
+    db_connect_timeout_s: float = option(3.0, "PostgreSQL connect timeout", lo=0.1)
+    db_statement_timeout_ms: int = option(5000, "server-side cap on one SQL statement", lo=0)
+    health_check_interval_s: float = option(2.0, "how often health probes PostgreSQL", lo=0.05)
 
-    max_concurrent_rpcs: int = _opt(1000, "RPCs in flight before RESOURCE_EXHAUSTED", lo=1)
-    max_message_bytes: int = _opt(4 * 1024 * 1024, "max gRPC message size", lo=1024)
-    shutdown_grace_s: float = _opt(10.0, "time in-flight RPCs get after SIGTERM", lo=0)
-    shutdown_drain_s: float = _opt(0.0, "NOT_SERVING period before refusing RPCs", lo=0)
-    log_level: str = _opt("INFO", "logging level")
+    max_concurrent_rpcs: int = option(1000, "RPCs in flight before RESOURCE_EXHAUSTED", lo=1)
+    max_message_bytes: int = option(4 * 1024 * 1024, "max gRPC message size", lo=1024)
+    shutdown_grace_s: float = option(10.0, "time in-flight RPCs get after SIGTERM", lo=0)
+    shutdown_drain_s: float = option(0.0, "NOT_SERVING period before refusing RPCs", lo=0)
+    log_level: str = option("INFO", "logging level")
 
     def __post_init__(self) -> None:
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -139,15 +141,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``CATALOG_*`` variables (default ``os.environ``), then overrides."""
-        env = os.environ if environ is None else environ
-        hints = get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = PREFIX + f.name.upper()
-            if name in env:
-                values[f.name] = _parse(name, env[name], hints[f.name], f)
-        values.update(overrides)
-        return cls(**values)
+        return load(cls, environ, overrides)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -177,10 +171,23 @@ def _parse(name: str, raw: str, kind: type, f: dataclasses.Field[Any]) -> Any:
     return value
 
 
-def describe() -> list[tuple[str, str, str]]:
-    """(env var, default, meaning) for every setting: the README's configuration table."""
+def load(cls: type[T], environ: Mapping[str, str] | None, overrides: Mapping[str, Any]) -> T:
+    """Instantiate a settings dataclass from ``CATALOG_<FIELD>`` variables, then ``overrides``."""
+    env = os.environ if environ is None else environ
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        name = PREFIX + f.name.upper()
+        if name in env:
+            values[f.name] = _parse(name, env[name], hints[f.name], f)
+    values.update(overrides)
+    return cls(**values)
+
+
+def describe(cls: type[Any] = Settings) -> list[tuple[str, str, str]]:
+    """(env var, default, meaning) for every field: the README's configuration tables."""
     rows = []
-    for f in fields(Settings):
+    for f in fields(cls):
         default = str(f.default)
         if f.metadata.get("secret") and "://" not in default:
             default = "(secret)"

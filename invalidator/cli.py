@@ -1,0 +1,151 @@
+"""Command line of the invalidator: ``invalidator`` (the process), ``dlq`` and ``publish``.
+
+:func:`register` adds the three subcommands to any argparse subparsers object; each sets
+``handler(settings, args) -> exit status``, the contract of ``service.cli`` (``catalog
+invalidator``, ``catalog dlq``, ``catalog publish``). :func:`main` is ``python -m invalidator``
+(no subcommand = run the process). Configuration errors exit 2 with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+
+from invalidator.deadletter import list_dead_letters, redrive
+from invalidator.events import EVENT_TYPES, ID_FIELDS, ParseError, new_event
+from invalidator.publisher import Publisher
+from invalidator.settings import InvalidatorSettings
+from service.settings import Settings, SettingsError
+
+T = TypeVar("T")
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Invalidator settings are read by the handler: report their errors like the CLI does."""
+
+    def run(base: Settings, args: argparse.Namespace) -> int:
+        try:
+            return handler(base, args)
+        except SettingsError as exc:
+            print(f"catalog {args.command}: configuration error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: Any) -> None:
+    """Add ``invalidator``, ``dlq`` and ``publish`` to an ``add_subparsers()`` object."""
+    run = subparsers.add_parser(
+        "invalidator", help="consume cache-invalidation events (and relay the outbox)"
+    )
+    run.set_defaults(handler=_guarded(_invalidator))
+
+    dlq = subparsers.add_parser("dlq", help="list or re-drive dead-lettered events")
+    actions = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
+    show = actions.add_parser("list", help="print dead letters, oldest first")
+    show.add_argument("--count", type=int, default=50, help="how many (default 50)")
+    show.add_argument("--start", default="-", help="first entry id (inclusive)")
+    again = actions.add_parser("redrive", help="append dead letters to the event stream again")
+    again.add_argument("ids", nargs="*", help="dead-letter entry ids")
+    again.add_argument("--all", action="store_true", help="every dead letter")
+    dlq.set_defaults(handler=_guarded(_dlq))
+
+    pub = subparsers.add_parser("publish", help="publish one event (XADD to the event stream)")
+    pub.add_argument("type", choices=EVENT_TYPES)
+    for name in ID_FIELDS:
+        pub.add_argument("--" + name.replace("_", "-"), default="", dest=name)
+    pub.add_argument("--version", type=int, default=0)
+    pub.set_defaults(handler=_guarded(_publish))
+
+
+def _with_redis(
+    base: Settings, settings: InvalidatorSettings, work: Callable[[Redis], Awaitable[T]]
+) -> T:
+    async def go() -> T:
+        redis = Redis.from_url(
+            base.redis_url,
+            socket_timeout=settings.invalidator_socket_timeout_s,
+            socket_connect_timeout=base.redis_connect_timeout_s,
+        )
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(go())
+
+
+def _invalidator(base: Settings, args: argparse.Namespace) -> int:
+    from invalidator.worker import run
+
+    return asyncio.run(run(base, InvalidatorSettings.from_env()))
+
+
+def _dlq(base: Settings, args: argparse.Namespace) -> int:
+    settings = InvalidatorSettings.from_env()
+    keys = settings.keys(base)
+    if args.dlq_action == "list":
+        letters = _with_redis(
+            base,
+            settings,
+            lambda r: list_dead_letters(r, keys, count=args.count, start=args.start),
+        )
+        for letter in letters:
+            print(f"{letter.id}\t{letter.reason}\t{letter.original}")
+        return 0
+    if not args.ids and not args.all:
+        print("catalog dlq redrive: give entry ids or --all", file=sys.stderr)
+        return 2
+
+    async def go(redis: Redis) -> int:
+        ids = list(args.ids)
+        if args.all:
+            ids = [d.id for d in await list_dead_letters(redis, keys, count=1_000_000)]
+        return await redrive(redis, keys, ids, maxlen=settings.event_stream_maxlen)
+
+    print(f"re-drove {_with_redis(base, settings, go)} entries to {keys.stream}")
+    return 0
+
+
+def _publish(base: Settings, args: argparse.Namespace) -> int:
+    settings = InvalidatorSettings.from_env()
+    try:
+        event = new_event(
+            args.type, version=args.version, **{name: getattr(args, name) for name in ID_FIELDS}
+        )
+    except ParseError as exc:
+        print(f"catalog publish: {exc.reason}", file=sys.stderr)
+        return 2
+    publisher_keys = settings.keys(base)
+    entry_id = _with_redis(
+        base,
+        settings,
+        lambda r: Publisher(r, publisher_keys, maxlen=settings.event_stream_maxlen).publish(event),
+    )
+    print(f"{entry_id} {event.type} event_id={event.event_id}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m invalidator", description="Configured by CATALOG_* environment variables."
+    )
+    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv) or ["invalidator"])
+    try:
+        base = Settings.from_env()
+    except SettingsError as exc:
+        print(f"invalidator: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=base.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    handler: Handler = args.handler
+    return handler(base, args)

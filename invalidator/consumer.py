@@ -1,0 +1,371 @@
+"""One member of the ``invalidator`` consumer group: read, invalidate, ack; reclaim; leave cleanly.
+
+Invariants (docs/events.md explains them for operators):
+
+* An entry is XACKed only after :meth:`CacheStore.invalidate` returned for its tags, or after it
+  was copied to the dead-letter stream in the same MULTI as its XACK. A failed invalidation acks
+  nothing: the entry stays pending and is retried by the reclaim loop after ``claim_min_idle``.
+* While a batch is in progress its entries are re-claimed by this consumer every ``min_idle / 3``
+  (XCLAIM JUSTID resets the idle time without counting a delivery), so a slow batch of a live
+  consumer is never taken over; only a dead or stalled consumer's entries go idle.
+* An entry delivered more than ``max_deliveries`` times, a malformed entry and an unknown type go
+  to the dead-letter stream and are acked: nothing blocks the group.
+* The consumer leaves the group (XGROUP DELCONSUMER, which drops pending entries) only after
+  checking it holds none; otherwise it stays registered and others reclaim its entries.
+* The blocking read runs on its own connection whose socket timeout exceeds BLOCK; stopping
+  interrupts it with CLIENT UNBLOCK (never by cancelling, which could lose a reply whose entries
+  are already in our pending list) and the reply is read to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from invalidator import metrics
+from invalidator.deadletter import dead_letter_fields
+from invalidator.events import Event, ParseError, RawFields, parse, tags_for
+from invalidator.settings import InvalidatorSettings
+from service.cache.store import CacheStore
+from service.keys import Keys, Tag
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, RawFields | None]
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of this consumer (metrics are per process; tests and logs read these)."""
+
+    processed: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    reclaimed: int = 0
+    reclaim_passes: int = 0
+    idle_reads: int = 0
+    errors: int = 0
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """Entries of an XREADGROUP reply for one stream (RESP2 list or RESP3 map)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [e for entries in reply.values() for e in entries[0]]
+    return [(entry_id, fields) for entry_id, fields in reply[0][1]]
+
+
+class Consumer:
+    def __init__(
+        self,
+        redis: Redis,
+        reader: Redis,
+        store: CacheStore,
+        keys: Keys,
+        settings: InvalidatorSettings,
+        name: str,
+    ) -> None:
+        """``reader`` is used only for the blocking XREADGROUP; its socket timeout must exceed
+        BLOCK (:attr:`InvalidatorSettings.read_timeout_s`)."""
+        self.redis = redis
+        self.reader = reader
+        self.store = store
+        self.keys = keys
+        self.settings = settings
+        self.name = name
+        self.stats = Stats()
+        self.ready = False
+        self._stopping = asyncio.Event()
+        self._reader_id: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to finish the batch in hand, drain, and leave (signal-safe)."""
+        self._stopping.set()
+
+    async def serve(self) -> bool:
+        """Run until :meth:`stop`; True if the consumer left the group holding nothing."""
+        await self.ensure_group()
+        await self.drain_own()
+        self.ready = True
+        unblocker = asyncio.create_task(self._unblock_on_stop())
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._consume())
+                tasks.create_task(self._reclaim_loop())
+        finally:
+            self.ready = False
+            unblocker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await unblocker
+        try:
+            await self.drain_own()
+            return await self.leave()
+        except RedisError as exc:
+            log.warning("could not drain or leave the group cleanly: %s", exc)
+            return False
+
+    async def ensure_group(self) -> None:
+        """Create the group (and the stream) if missing, reading from the stream's start."""
+        try:
+            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    async def drain_own(self) -> None:
+        """Process entries already delivered to this name (after a restart, or the last read)."""
+        last: bytes | str = "0"
+        while True:
+            reply = await self.redis.xreadgroup(
+                self.keys.group,
+                self.name,
+                {self.keys.stream: last},
+                count=self.settings.invalidator_batch_size,
+            )
+            entries = _entries(reply)
+            if not entries:
+                return
+            await self.process(entries, await self._deliveries(entries))
+            last = entries[-1][0]
+
+    async def leave(self) -> bool:
+        """XGROUP DELCONSUMER, but only when nothing is pending for us (it would drop them)."""
+        held = await self.redis.xpending_range(
+            self.keys.stream, self.keys.group, "-", "+", 1, consumername=self.name
+        )
+        if held:
+            log.warning("consumer %s keeps its pending entries for reclaim", self.name)
+            return False
+        await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
+        return True
+
+    # -- loops -------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                entries = await self._read_new()
+                if entries:
+                    await self.process(entries)
+                else:
+                    self.stats.idle_reads += 1
+            except ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    await self._failed_call("read/process", exc)
+                    continue
+                # Redis lost the stream and group (restarted empty, or someone deleted them).
+                log.warning("consumer group is gone; recreating it")
+                await self._recreate_group()
+            except RedisError as exc:
+                await self._failed_call("read/process", exc)
+
+    async def _recreate_group(self) -> None:
+        try:
+            await self.ensure_group()
+        except RedisError as exc:
+            await self._failed_call("recreate group", exc)
+
+    async def _read_new(self) -> list[Entry]:
+        if self._reader_id is None:
+            self._reader_id = int(await self.reader.client_id())
+        try:
+            reply = await self.reader.xreadgroup(
+                self.keys.group,
+                self.name,
+                {self.keys.stream: ">"},
+                count=self.settings.invalidator_batch_size,
+                block=self.settings.invalidator_block_ms,
+            )
+        except RedisError:
+            self._reader_id = None  # reconnects get a new client id
+            raise
+        return _entries(reply)
+
+    async def _unblock_on_stop(self) -> None:
+        """Repeats until the read loop is gone: a read sent just after one UNBLOCK would
+        otherwise wait out its whole BLOCK. Cancelled by :meth:`serve`."""
+        await self._stopping.wait()
+        while True:
+            if self._reader_id is not None:
+                with contextlib.suppress(RedisError):
+                    await self.redis.client_unblock(self._reader_id)
+            await asyncio.sleep(0.05)
+
+    async def _reclaim_loop(self) -> None:
+        interval = self.settings.invalidator_claim_interval_ms / 1000
+        while not await self._wait_stop(interval):
+            try:
+                await self.reclaim_once()
+            except RedisError as exc:
+                await self._failed_call("reclaim", exc)
+
+    async def reclaim_once(self) -> int:
+        """One XAUTOCLAIM pass over the whole pending list (cursor followed to 0-0)."""
+        cursor: bytes | str = "0-0"
+        total = 0
+        while not self._stopping.is_set():
+            reply = await self.redis.xautoclaim(
+                self.keys.stream,
+                self.keys.group,
+                self.name,
+                self.settings.invalidator_claim_min_idle_ms,
+                start_id=cursor,
+                count=self.settings.invalidator_claim_count,
+            )
+            cursor, entries = reply[0], reply[1]
+            if len(reply) > 2 and reply[2]:  # Redis 7: pending ids trimmed from the stream
+                await self._ack(
+                    [], [(i, None, "trimmed from the stream before processing") for i in reply[2]]
+                )
+            if entries:
+                total += len(entries)
+                self.stats.reclaimed += len(entries)
+                metrics.RECLAIMED.inc(len(entries))
+                await self.process(entries, await self._deliveries(entries))
+            if cursor in (b"0-0", "0-0"):
+                break
+        self.stats.reclaim_passes += 1
+        return total
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    async def process(self, entries: Sequence[Entry], deliveries: Mapping[bytes, int] = {}) -> None:
+        """Invalidate the batch's tags in one call, then dead-letter and ack in one MULTI."""
+        started = time.perf_counter()
+        limit = self.settings.invalidator_max_deliveries
+        good: list[tuple[bytes, Event]] = []
+        dead: list[tuple[bytes, RawFields | None, str]] = []
+        for entry_id, fields in entries:
+            n = deliveries.get(entry_id, 1)
+            if n > limit:
+                dead.append((entry_id, fields, f"delivered {n} times (max {limit})"))
+                continue
+            try:
+                good.append((entry_id, parse(fields)))
+            except ParseError as exc:
+                dead.append((entry_id, fields, exc.reason))
+        async with self._holding([entry_id for entry_id, _ in entries]):
+            done = await self._invalidate_events(good)
+        await self._ack(done, dead)
+        now_ms = time.time() * 1000
+        for entry_id, event in good:
+            if entry_id in done:
+                metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def invalidate(self, tags: set[Tag]) -> int:
+        """The one place keys are deleted (a seam for tests that need a slow batch)."""
+        n = await self.store.invalidate(tags)
+        metrics.KEYS_DELETED.inc(n)
+        return n
+
+    async def _invalidate_events(self, good: Sequence[tuple[bytes, Event]]) -> list[bytes]:
+        """Ids whose tags are gone. One call for the batch; if Redis refuses it (a script error
+        caused by some entry's data), each event alone, so one poison entry stays pending and
+        the others are acked. Connection errors propagate: nothing is acked."""
+        if not good:
+            return []
+        try:
+            await self.invalidate(set().union(*(tags_for(event) for _, event in good)))
+            return [entry_id for entry_id, _ in good]
+        except ResponseError as exc:
+            if len(good) == 1:
+                self._count_failed(good[0][0], exc)
+                return []
+        done = []
+        for entry_id, event in good:
+            try:
+                await self.invalidate(tags_for(event))
+                done.append(entry_id)
+            except ResponseError as exc:
+                self._count_failed(entry_id, exc)
+        return done
+
+    async def _ack(
+        self, done: Sequence[bytes], dead: Sequence[tuple[bytes, RawFields | None, str]]
+    ) -> None:
+        ids = [*done, *(entry_id for entry_id, _, _ in dead)]
+        if not ids:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for entry_id, fields, reason in dead:
+                letter = dead_letter_fields(
+                    fields, reason=reason, entry_id=entry_id, consumer=self.name
+                )
+                pipe.xadd(self.keys.dead_letter_stream, letter)  # type: ignore[arg-type]
+            pipe.xack(self.keys.stream, self.keys.group, *ids)
+            await pipe.execute()
+        for entry_id, _, reason in dead:
+            log.warning("dead-lettered %s: %s", entry_id.decode(), reason)
+        self.stats.processed += len(done)
+        self.stats.dead_lettered += len(dead)
+        metrics.PROCESSED.inc(len(done))
+        metrics.DEAD_LETTERED.inc(len(dead))
+
+    async def _deliveries(self, entries: Sequence[Entry]) -> dict[bytes, int]:
+        """Delivery count of each entry (now pending for us), from one XPENDING range call."""
+        rows = await self.redis.xpending_range(
+            self.keys.stream,
+            self.keys.group,
+            entries[0][0],
+            entries[-1][0],
+            len(entries) + self.settings.invalidator_batch_size,
+            consumername=self.name,
+        )
+        return {cast(bytes, row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, ids: list[bytes]) -> AsyncIterator[None]:
+        """Keep ``ids`` from going idle (and being reclaimed) while this batch is in progress."""
+        task = asyncio.create_task(self._heartbeat(ids))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _heartbeat(self, ids: list[bytes]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await self.redis.xclaim(
+                    self.keys.stream,
+                    self.keys.group,
+                    self.name,
+                    0,
+                    cast(list[Any], ids),
+                    justid=True,
+                )
+            except RedisError as exc:
+                log.warning("heartbeat of %d in-progress entries failed: %s", len(ids), exc)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _count_failed(self, entry_id: bytes, exc: Exception) -> None:
+        log.error("invalidation of %s failed, left pending: %s", entry_id.decode(), exc)
+        self.stats.failed += 1
+        metrics.FAILED.inc()
+
+    async def _failed_call(self, what: str, exc: RedisError) -> None:
+        self.stats.errors += 1
+        metrics.REDIS_ERRORS.inc()
+        log.warning("%s failed: %s", what, exc)
+        await self._wait_stop(self.settings.invalidator_retry_backoff_ms / 1000)
+
+    async def _wait_stop(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True as soon as a stop was requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()

@@ -1,0 +1,201 @@
+"""The event contract (docs/events.md): parsing stream entries and mapping events to cache tags.
+
+Pure functions, no I/O. Invariants:
+
+* :func:`parse` accepts exactly what docs/events.md documents and raises :class:`ParseError` with a
+  human-readable reason for anything else; the reason goes to the dead-letter stream verbatim.
+* :func:`tags_for` is total over parsed events: every event of a known type maps to at least one
+  tag, and applying the same tags twice deletes nothing more (invalidation is idempotent, so no
+  de-duplication by ``event_id`` is needed for it).
+* ``to_fields(parse(f)) == f`` for every valid ``f`` without extra fields: what a publisher writes
+  is what the consumer reads.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from service.keys import Tag
+
+SCHEMA: Final = "1"
+PRODUCT_UPDATED: Final = "product.updated"
+PRODUCT_CREATED: Final = "product.created"
+PRODUCT_DELETED: Final = "product.deleted"
+CATEGORY_UPDATED: Final = "category.updated"
+BRAND_UPDATED: Final = "brand.updated"
+
+# Fields each type requires besides type/event_id/occurred_at/schema.
+REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
+    PRODUCT_UPDATED: ("product_id",),
+    PRODUCT_CREATED: ("product_id", "category_id", "brand_id"),
+    PRODUCT_DELETED: ("product_id", "category_id", "brand_id"),
+    CATEGORY_UPDATED: ("category_id",),
+    BRAND_UPDATED: ("brand_id",),
+}
+EVENT_TYPES: Final = tuple(REQUIRED)
+ID_FIELDS: Final = (
+    "product_id",
+    "category_id",
+    "previous_category_id",
+    "brand_id",
+    "previous_brand_id",
+)
+MAX_ID_LENGTH: Final = 128
+
+# A stream entry's fields as redis-py returns them (bytes) or as a publisher builds them (str).
+RawFields = Mapping[Any, bytes | str]
+
+
+class ParseError(ValueError):
+    """An entry that does not follow the contract; ``reason`` says which rule it broke."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One parsed event. Absent optional ids are empty strings; ``version`` 0 means unknown."""
+
+    type: str
+    event_id: str
+    occurred_at_ms: int
+    product_id: str = ""
+    category_id: str = ""
+    previous_category_id: str = ""
+    brand_id: str = ""
+    previous_brand_id: str = ""
+    version: int = 0
+
+
+def new_event(
+    type: str,
+    *,
+    product_id: str = "",
+    category_id: str = "",
+    previous_category_id: str = "",
+    brand_id: str = "",
+    previous_brand_id: str = "",
+    version: int = 0,
+    event_id: str = "",
+    occurred_at_ms: int = 0,
+) -> Event:
+    """An event with a fresh ``event_id`` and ``occurred_at`` = now, validated like a parse."""
+    event = Event(
+        type=type,
+        event_id=event_id or uuid.uuid4().hex,
+        occurred_at_ms=occurred_at_ms or int(time.time() * 1000),
+        product_id=product_id,
+        category_id=category_id,
+        previous_category_id=previous_category_id,
+        brand_id=brand_id,
+        previous_brand_id=previous_brand_id,
+        version=version,
+    )
+    return parse(to_fields(event))
+
+
+def to_fields(event: Event) -> dict[str, str]:
+    """The flat string fields of one XADD; empty optional fields are left out."""
+    fields = {
+        "schema": SCHEMA,
+        "type": event.type,
+        "event_id": event.event_id,
+        "occurred_at": str(event.occurred_at_ms),
+    }
+    for name in ID_FIELDS:
+        value: str = getattr(event, name)
+        if value:
+            fields[name] = value
+    if event.version:
+        fields["version"] = str(event.version)
+    return fields
+
+
+def _text(raw: RawFields, name: str) -> str:
+    value = raw.get(name)
+    if value is None:
+        value = raw.get(name.encode())
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise ParseError(f"field {name!r} is not UTF-8") from None
+    return value
+
+
+def _int(raw: RawFields, name: str, *, required: bool) -> int:
+    text = _text(raw, name)
+    if not text:
+        if required:
+            raise ParseError(f"missing field {name!r}")
+        return 0
+    if not text.isascii() or not text.isdigit():
+        raise ParseError(f"field {name!r} must be a non-negative integer, got {text[:40]!r}")
+    return int(text)
+
+
+def parse(raw: RawFields | None) -> Event:
+    """The event in a stream entry's fields, or :class:`ParseError` naming what is wrong."""
+    if not raw:
+        raise ParseError("entry has no fields (deleted or trimmed from the stream?)")
+    schema = _text(raw, "schema")
+    if schema != SCHEMA:
+        raise ParseError(f"unsupported schema {schema!r} (expected {SCHEMA!r})")
+    kind = _text(raw, "type")
+    if not kind:
+        raise ParseError("missing field 'type'")
+    if kind not in REQUIRED:
+        raise ParseError(f"unknown event type {kind[:60]!r}")
+    event_id = _text(raw, "event_id")
+    if not event_id:
+        raise ParseError("missing field 'event_id'")
+    ids = {name: _text(raw, name) for name in ID_FIELDS}
+    for name in REQUIRED[kind]:
+        if not ids[name]:
+            raise ParseError(f"{kind} requires field {name!r}")
+    for name, value in ids.items():
+        if len(value) > MAX_ID_LENGTH or any(c in value for c in "{} \n\r\t"):
+            raise ParseError(f"field {name!r} is not a valid id: {value[:40]!r}")
+    return Event(
+        type=kind,
+        event_id=event_id,
+        occurred_at_ms=_int(raw, "occurred_at", required=True),
+        version=_int(raw, "version", required=False),
+        **ids,
+    )
+
+
+def tags_for(event: Event) -> set[Tag]:
+    """The tags an event voids (DESIGN section 6)."""
+    kind = event.type
+    if kind == PRODUCT_UPDATED:
+        tags = {Tag.product(event.product_id)}
+        if event.previous_category_id and event.previous_category_id != event.category_id:
+            tags.add(Tag.list_category(event.previous_category_id))
+            if event.category_id:
+                tags.add(Tag.list_category(event.category_id))
+        if event.previous_brand_id and event.previous_brand_id != event.brand_id:
+            tags.add(Tag.list_brand(event.previous_brand_id))
+            if event.brand_id:
+                tags.add(Tag.list_brand(event.brand_id))
+        return tags
+    if kind in (PRODUCT_CREATED, PRODUCT_DELETED):
+        return {
+            Tag.product(event.product_id),
+            Tag.list_category(event.category_id),
+            Tag.list_brand(event.brand_id),
+            Tag.list_all(),
+        }
+    if kind == CATEGORY_UPDATED:
+        return {Tag.category(event.category_id)}
+    if kind == BRAND_UPDATED:
+        return {Tag.brand(event.brand_id)}
+    raise ParseError(f"unknown event type {kind!r}")  # unreachable for parsed events

@@ -1,0 +1,141 @@
+"""Transactional outbox: events written with the data change, published by a relay after COMMIT.
+
+Writers call :func:`add_to_outbox` inside the transaction that changes the product, *after* the
+product row was written (its row lock then orders the outbox ids of two writers of one product).
+A rolled-back transaction leaves no row, so nothing is published; a committed one always is.
+
+The relay (:class:`OutboxRelay`), any number of copies:
+
+* takes ``pg_try_advisory_xact_lock(LOCK_KEY)``; a copy that does not get it stands by. One
+  publisher at a time is what keeps per-product order: with SKIP LOCKED alone, relay B could
+  publish row 2 while relay A still holds row 1 of the same product.
+* selects unsent rows ``ORDER BY id ... FOR UPDATE SKIP LOCKED`` (the row locks are a second guard
+  should an older relay without the advisory lock run), XADDs them in id order in one pipeline,
+  marks them sent and commits. A crash between XADD and COMMIT republishes those rows: delivery
+  is at-least-once, and invalidation is idempotent.
+* never skips a row: it selects ``sent_at IS NULL``, not "ids after the last one sent", so a row
+  whose transaction commits late (lower id, visible later) is published on the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import sqlalchemy as sa
+from redis.exceptions import RedisError
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from invalidator import metrics
+from invalidator.events import Event, to_fields
+from invalidator.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+# pg_advisory lock id of the relay ("catalog outbox" as a bigint); same in every copy.
+LOCK_KEY = 0x6F7574626F78
+
+metadata = sa.MetaData()
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("stream", sa.Text, nullable=True),
+    sa.Column("fields", JSONB, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+def outbox_insert(event: Event, stream: str | None = None) -> sa.Insert:
+    """The INSERT of one event (``stream`` None = the configured event stream)."""
+    return sa.insert(outbox).values(stream=stream, fields=to_fields(event))
+
+
+async def add_to_outbox(
+    conn: AsyncConnection | AsyncSession, event: Event, *, stream: str | None = None
+) -> None:
+    """Queue ``event`` in the caller's open transaction; published only if it commits."""
+    await conn.execute(outbox_insert(event, stream))
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: Publisher,
+        *,
+        batch_size: int,
+        poll_s: float,
+        retention_s: float,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.retention_s = retention_s
+        self.published = 0
+
+    async def relay_once(self) -> int | None:
+        """Publish up to ``batch_size`` rows; None when another relay holds the lock."""
+        async with self.engine.begin() as conn:
+            if not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(LOCK_KEY))):
+                return None
+            rows = (
+                await conn.execute(
+                    sa.select(outbox.c.id, outbox.c.stream, outbox.c.fields)
+                    .where(outbox.c.sent_at.is_(None))
+                    .order_by(outbox.c.id)
+                    .limit(self.batch_size)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not rows:
+                return 0
+            # Consecutive rows of one stream go in one pipeline; order is kept across streams.
+            start = 0
+            for i in range(1, len(rows) + 1):
+                if i == len(rows) or rows[i].stream != rows[start].stream:
+                    await self.publisher.publish_fields(
+                        (r.fields for r in rows[start:i]), rows[start].stream or ""
+                    )
+                    start = i
+            await conn.execute(
+                sa.update(outbox)
+                .where(outbox.c.id.in_([r.id for r in rows]))
+                .values(sent_at=sa.func.now())
+            )
+        self.published += len(rows)
+        metrics.OUTBOX_PUBLISHED.inc(len(rows))
+        return len(rows)
+
+    async def purge_sent(self) -> int:
+        """Delete rows sent longer than ``retention_s`` ago (kept for audits and replays)."""
+        age = self.retention_s
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                sa.delete(outbox).where(
+                    outbox.c.sent_at < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, age)
+                )
+            )
+        return int(result.rowcount)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set; a failing database or Redis is retried, never fatal."""
+        passes = 0
+        while not stop.is_set():
+            try:
+                n = await self.relay_once()
+                passes += 1
+                if passes % 10_000 == 1:
+                    await self.purge_sent()
+            except (RedisError, SQLAlchemyError, OSError) as exc:  # down: keep rows, retry later
+                metrics.OUTBOX_ERRORS.inc()
+                log.warning("outbox relay pass failed: %s", exc)
+                n = None
+            if n != self.batch_size:  # a full batch means more are waiting: no pause
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_s)

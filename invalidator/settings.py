@@ -1,0 +1,112 @@
+"""Settings of the invalidator process and the publishers, from ``CATALOG_*`` variables.
+
+Connection settings (Redis and PostgreSQL URLs, key namespace, log level) are the service's
+:class:`service.settings.Settings`; this object holds only what the invalidator adds. Same rules:
+frozen, built once at the entry point, validated with errors naming the variable. Derived
+invariants: the socket timeout of blocking reads is BLOCK plus a margin (never shorter), and the
+in-progress heartbeat runs at a third of the reclaim min-idle, so a live consumer's batch is never
+reclaimed however slow it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from service.keys import Keys
+from service.settings import PREFIX, Settings, SettingsError, load, option
+from service.settings import describe as describe_fields
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidatorSettings:
+    """Env var = ``CATALOG_`` + upper-case field name."""
+
+    invalidator_stream: str = option("", "event stream; empty = <CATALOG_KEY_NAMESPACE>:events")
+    invalidator_group: str = option("", "consumer group; empty = invalidator")
+    invalidator_dead_letter_stream: str = option("", "dead-letter stream; empty = <stream>:dead")
+    invalidator_consumer: str = option(
+        "", "consumer name; empty = host-pid-random (set a stable one to resume after restart)"
+    )
+    invalidator_batch_size: int = option(200, "entries read per XREADGROUP", lo=1, hi=10_000)
+    invalidator_block_ms: int = option(5000, "XREADGROUP BLOCK while idle", lo=1, hi=600_000)
+    invalidator_socket_timeout_s: float = option(
+        2.0, "timeout of non-blocking Redis commands", lo=0.01
+    )
+    invalidator_read_timeout_margin_s: float = option(
+        5.0, "blocking reads time out at BLOCK + this (never inside an idle block)", lo=0.1
+    )
+    invalidator_claim_min_idle_ms: int = option(
+        30_000, "idle time after which another consumer's entry is reclaimed", lo=10
+    )
+    invalidator_claim_interval_ms: int = option(5000, "pause between reclaim passes", lo=1)
+    invalidator_claim_count: int = option(100, "entries per XAUTOCLAIM call", lo=1, hi=10_000)
+    invalidator_max_deliveries: int = option(
+        5, "deliveries after which an entry is dead-lettered", lo=1, hi=1000
+    )
+    invalidator_retry_backoff_ms: int = option(500, "pause after a failed Redis call", lo=1)
+    invalidator_stats_interval_s: float = option(
+        5.0, "how often group lag/pending are sampled", lo=0.1
+    )
+    invalidator_consume: bool = option(True, "run the consumer loop (false: relay only)")
+    invalidator_metrics_port: int = option(9465, "Prometheus port; 0 disables", lo=0, hi=65535)
+    invalidator_health_address: str = option(
+        "127.0.0.1:50052", "host:port of grpc.health.v1; empty disables"
+    )
+    event_stream_maxlen: int = option(1_000_000, "publishers trim the stream to ~this", lo=1000)
+    outbox_relay: bool = option(True, "run the outbox relay in the invalidator process")
+    outbox_batch_size: int = option(500, "outbox rows published per transaction", lo=1, hi=10_000)
+    outbox_poll_ms: int = option(20, "relay poll interval while the outbox is empty", lo=1)
+    outbox_retention_s: float = option(86400.0, "sent outbox rows are deleted after this", lo=1)
+
+    def __post_init__(self) -> None:
+        if not (self.invalidator_consume or self.outbox_relay):
+            raise SettingsError(
+                f"{PREFIX}INVALIDATOR_CONSUME and {PREFIX}OUTBOX_RELAY are both false"
+            )
+        for name in ("invalidator_stream", "invalidator_group", "invalidator_consumer"):
+            if any(c.isspace() for c in getattr(self, name)):
+                raise SettingsError(f"{PREFIX}{name.upper()} must not contain spaces")
+
+    @property
+    def heartbeat_s(self) -> float:
+        """Interval at which in-progress entries are re-claimed by their own consumer."""
+        return self.invalidator_claim_min_idle_ms / 3000
+
+    @property
+    def read_timeout_s(self) -> float:
+        """Socket timeout of the blocking-read connection: always longer than BLOCK."""
+        return self.invalidator_block_ms / 1000 + self.invalidator_read_timeout_margin_s
+
+    def keys(self, base: Settings) -> Keys:
+        return Keys(
+            base.key_namespace,
+            stream=self.invalidator_stream,
+            group=self.invalidator_group,
+            dead_letter_stream=self.invalidator_dead_letter_stream,
+        )
+
+    def consumer_name(self) -> str:
+        """The configured name, else ``host-pid-random`` (unique even across restarts)."""
+        if self.invalidator_consumer:
+            return self.invalidator_consumer
+        return f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**6):06x}"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> InvalidatorSettings:
+        return load(cls, environ, overrides)
+
+    def replace(self, **changes: Any) -> InvalidatorSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(env var, default, meaning) of every invalidator setting, for the README."""
+    return describe_fields(InvalidatorSettings)

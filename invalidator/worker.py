@@ -1,0 +1,109 @@
+"""The invalidator process: builds its clients, runs the consumer, relay and monitor, shuts down.
+
+:func:`run` owns start-up and shutdown. SIGTERM/SIGINT: health turns NOT_SERVING, the consumer
+finishes the batch in hand, drains what was delivered to it and leaves the group only when it
+holds nothing; the relay finishes its transaction; then every pool is closed (``finally``).
+Exit status 0 after a clean leave, 1 when entries were left pending for others to reclaim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from redis.asyncio import Redis
+
+from invalidator.consumer import Consumer
+from invalidator.health import Health, monitor
+from invalidator.outbox import OutboxRelay
+from invalidator.publisher import Publisher
+from invalidator.settings import InvalidatorSettings
+from service.cache.store import CacheStore
+from service.metrics import start_metrics_server
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def redis_clients(base: Settings, settings: InvalidatorSettings) -> tuple[Redis, Redis]:
+    """(commands client, blocking-read client). The second has one connection whose socket
+    timeout is longer than BLOCK, so an idle wait never ends in a timeout error."""
+    commands = Redis.from_url(
+        base.redis_url,
+        socket_timeout=settings.invalidator_socket_timeout_s,
+        socket_connect_timeout=base.redis_connect_timeout_s,
+    )
+    reader = Redis.from_url(
+        base.redis_url,
+        socket_timeout=settings.read_timeout_s,
+        socket_connect_timeout=base.redis_connect_timeout_s,
+        single_connection_client=True,
+    )
+    return commands, reader
+
+
+async def run(base: Settings, settings: InvalidatorSettings) -> int:
+    keys = settings.keys(base)
+    redis, reader = redis_clients(base, settings)
+    store = CacheStore(
+        redis, keys, lease_ttl_ms=base.lease_ttl_ms, tag_margin_ms=int(base.tag_ttl_margin_s * 1000)
+    )
+    consumer = (
+        Consumer(redis, reader, store, keys, settings, settings.consumer_name())
+        if settings.invalidator_consume
+        else None
+    )
+    stop = asyncio.Event()
+    health = Health()
+    draining: list[asyncio.Task[None]] = []
+
+    def request_stop() -> None:
+        log.info("stopping: finishing the batch in hand")
+        stop.set()
+        if consumer is not None:
+            consumer.stop()
+        draining.append(asyncio.create_task(health.servicer.enter_graceful_shutdown()))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop)
+    engine = None
+    clean = True
+    try:
+        start_metrics_server(settings.invalidator_metrics_port, base.metrics_address)
+        await health.start(settings.invalidator_health_address)
+        async with asyncio.TaskGroup() as tasks:
+            if settings.outbox_relay:
+                from service.db import create_engine
+
+                engine = create_engine(base)
+                relay = OutboxRelay(
+                    engine,
+                    Publisher(redis, keys, maxlen=settings.event_stream_maxlen),
+                    batch_size=settings.outbox_batch_size,
+                    poll_s=settings.outbox_poll_ms / 1000,
+                    retention_s=settings.outbox_retention_s,
+                )
+                tasks.create_task(relay.run(stop))
+            ready = (lambda: consumer.ready) if consumer is not None else (lambda: True)
+            tasks.create_task(
+                monitor(redis, keys, health, ready, settings.invalidator_stats_interval_s, stop)
+            )
+            if consumer is not None:
+                log.info("consumer %s joins %s on %s", consumer.name, keys.group, keys.stream)
+                serving = tasks.create_task(consumer.serve())
+        if consumer is not None:
+            clean = serving.result()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            await health.stop()
+        if engine is not None:
+            await engine.dispose()
+        await reader.aclose()
+        await redis.aclose()
+    log.info("stopped (%s)", "left the group" if clean else "entries left pending for reclaim")
+    return 0 if clean else 1

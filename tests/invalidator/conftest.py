@@ -1,0 +1,132 @@
+"""Fixtures of the invalidator tests: real Redis clients built like the process builds them, a
+cache filler, and in-process consumers that are always stopped and awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+from redis.asyncio import Redis
+
+from invalidator.consumer import Consumer
+from invalidator.publisher import Publisher
+from invalidator.settings import InvalidatorSettings
+from invalidator.worker import redis_clients
+from service.cache.store import CacheStore, FillItem
+from service.keys import Keys, Tag
+from service.settings import Settings
+
+FAST = {
+    "invalidator_block_ms": 200,
+    "invalidator_claim_min_idle_ms": 300,
+    "invalidator_claim_interval_ms": 50,
+    "invalidator_retry_backoff_ms": 20,
+    "invalidator_metrics_port": 0,
+    "invalidator_health_address": "",
+    "outbox_relay": False,
+    "event_stream_maxlen": 100_000,
+}
+
+
+@pytest.fixture
+def isettings() -> InvalidatorSettings:
+    return InvalidatorSettings.from_env({}, **FAST)
+
+
+@pytest.fixture
+def keys(settings: Settings, isettings: InvalidatorSettings) -> Keys:
+    return isettings.keys(settings)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A client on the shared Redis; deletes this test's namespace (keys and streams) after."""
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    made = [k async for k in client.scan_iter(match=f"{settings.key_namespace}:*", count=1000)]
+    if made:
+        await client.delete(*made)
+    await client.aclose()
+
+
+@pytest.fixture
+def store(redis: Redis, keys: Keys) -> CacheStore:
+    return CacheStore(redis, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+
+
+@pytest.fixture
+def publisher(redis: Redis, keys: Keys) -> Publisher:
+    return Publisher(redis, keys, maxlen=100_000)
+
+
+async def fill(store: CacheStore, key: str, tags: Iterable[Tag], data: bytes = b"v") -> None:
+    """Cache ``data`` under ``key`` the way readers do: lease (registered in tags), then fill."""
+    tag_keys = [store.keys.tag(t) for t in tags]
+    got = await store.acquire([key], [tag_keys])
+    assert got.outcomes == [True]
+    assert await store.fill(got.token, got.generation, [FillItem(key, data, 600_000, tag_keys)])
+
+
+@dataclass
+class Consumers:
+    """Starts in-process consumers; stops and awaits every one at teardown."""
+
+    settings: Settings
+    isettings: InvalidatorSettings
+    store: CacheStore
+    running: list[tuple[Consumer, asyncio.Task[bool], list[Redis]]] = field(default_factory=list)
+
+    def start(
+        self, name: str, cls: Callable[..., Consumer] = Consumer, **overrides: Any
+    ) -> Consumer:
+        isettings = self.isettings.replace(**overrides)
+        redis, reader = redis_clients(self.settings, isettings)
+        keys = isettings.keys(self.settings)
+        store = CacheStore(redis, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+        consumer = cls(redis, reader, store, keys, isettings, name)
+        self.running.append((consumer, asyncio.create_task(consumer.serve()), [redis, reader]))
+        return consumer
+
+    async def stop(self, consumer: Consumer) -> bool:
+        for c, task, clients in self.running:
+            if c is consumer:
+                c.stop()
+                left = await asyncio.wait_for(task, 30)
+                for client in clients:
+                    await client.aclose()
+                self.running.remove((c, task, clients))
+                return left
+        raise ValueError("not running")
+
+
+@pytest.fixture
+async def consumers(
+    settings: Settings, isettings: InvalidatorSettings, store: CacheStore
+) -> AsyncIterator[Consumers]:
+    group = Consumers(settings, isettings, store)
+    yield group
+    for consumer, _, _ in list(group.running):
+        with contextlib.suppress(Exception):
+            await group.stop(consumer)
+
+
+async def entries(redis: Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The whole stream (XRANGE - +)."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(stream))
+
+
+async def exists(redis: Redis, *keys: str) -> list[bool]:
+    return [bool(await redis.exists(k)) for k in keys]
+
+
+async def group_info(redis: Redis, keys: Keys) -> dict[str, Any]:
+    """XINFO GROUPS of our group; pending and lag -1 while it does not exist yet."""
+    if await redis.exists(keys.stream):
+        for group in await redis.xinfo_groups(keys.stream):
+            if group["name"].decode() == keys.group:
+                return dict(group)
+    return {"pending": -1, "lag": -1}

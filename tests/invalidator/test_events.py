@@ -1,0 +1,166 @@
+"""The event contract as pure functions: parsing with reasons, and the tags each event voids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from invalidator.events import (
+    BRAND_UPDATED,
+    CATEGORY_UPDATED,
+    PRODUCT_CREATED,
+    PRODUCT_DELETED,
+    PRODUCT_UPDATED,
+    ParseError,
+    new_event,
+    parse,
+    tags_for,
+    to_fields,
+)
+from service.keys import Tag
+
+BASE = {"schema": "1", "event_id": "e1", "occurred_at": "1700000000000"}
+
+
+def fields(**extra: str) -> dict[str, str]:
+    return {**BASE, **extra}
+
+
+def test_bytes_fields_as_redis_returns_them_parse() -> None:
+    raw = {k.encode(): v.encode() for k, v in fields(type=PRODUCT_UPDATED, product_id="7").items()}
+    event = parse(raw)
+    assert (event.type, event.product_id, event.occurred_at_ms) == (
+        PRODUCT_UPDATED,
+        "7",
+        1700000000000,
+    )
+
+
+def test_fields_round_trip() -> None:
+    event = new_event(
+        PRODUCT_UPDATED, product_id="7", category_id="c2", previous_category_id="c1", version=3
+    )
+    assert parse(to_fields(event)) == event
+    assert to_fields(parse(to_fields(event))) == to_fields(event)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "no fields"),
+        ({}, "no fields"),
+        (fields(type=PRODUCT_UPDATED, product_id="1", schema="2"), "unsupported schema '2'"),
+        ({"type": PRODUCT_UPDATED, "product_id": "1"}, "unsupported schema ''"),
+        (fields(product_id="1"), "missing field 'type'"),
+        (fields(type="product.exploded", product_id="1"), "unknown event type 'product.exploded'"),
+        (
+            {**fields(type=PRODUCT_UPDATED, product_id="1"), "event_id": ""},
+            "missing field 'event_id'",
+        ),
+        (fields(type=PRODUCT_UPDATED), "product.updated requires field 'product_id'"),
+        (
+            fields(type=PRODUCT_CREATED, product_id="1", brand_id="b"),
+            "requires field 'category_id'",
+        ),
+        (
+            fields(type=PRODUCT_DELETED, product_id="1", category_id="c"),
+            "requires field 'brand_id'",
+        ),
+        (fields(type=CATEGORY_UPDATED), "requires field 'category_id'"),
+        (fields(type=BRAND_UPDATED), "requires field 'brand_id'"),
+        (
+            {**fields(type=PRODUCT_UPDATED, product_id="1"), "occurred_at": "soon"},
+            "non-negative integer",
+        ),
+        (
+            {**fields(type=PRODUCT_UPDATED, product_id="1"), "occurred_at": ""},
+            "missing field 'occurred_at'",
+        ),
+        (
+            fields(type=PRODUCT_UPDATED, product_id="1", version="-3"),
+            "'version' must be a non-negative",
+        ),
+        (fields(type=PRODUCT_UPDATED, product_id="a{b}"), "not a valid id"),
+        (fields(type=PRODUCT_UPDATED, product_id="x" * 200), "not a valid id"),
+        ({b"schema": b"1", b"type": b"\xff"}, "not UTF-8"),
+    ],
+)
+def test_malformed_entries_raise_parse_error_with_reason(raw: Any, reason: str) -> None:
+    with pytest.raises(ParseError) as caught:
+        parse(raw)
+    assert reason in caught.value.reason
+
+
+def test_new_event_validates_like_parse() -> None:
+    with pytest.raises(ParseError, match="requires field 'brand_id'"):
+        new_event(PRODUCT_CREATED, product_id="1", category_id="c")
+    assert (
+        new_event(BRAND_UPDATED, brand_id="b").event_id
+        != new_event(BRAND_UPDATED, brand_id="b").event_id
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "tags"),
+    [
+        ({"type": PRODUCT_UPDATED, "product_id": "1"}, {"product:1"}),
+        (
+            {"type": PRODUCT_UPDATED, "product_id": "1", "category_id": "c1", "brand_id": "b1"},
+            {"product:1"},
+        ),
+        (  # previous equal to current: not a move
+            {
+                "type": PRODUCT_UPDATED,
+                "product_id": "1",
+                "category_id": "c1",
+                "previous_category_id": "c1",
+            },
+            {"product:1"},
+        ),
+        (
+            {
+                "type": PRODUCT_UPDATED,
+                "product_id": "1",
+                "category_id": "c2",
+                "previous_category_id": "c1",
+            },
+            {"product:1", "list:category:c1", "list:category:c2"},
+        ),
+        (
+            {
+                "type": PRODUCT_UPDATED,
+                "product_id": "1",
+                "brand_id": "b2",
+                "previous_brand_id": "b1",
+                "category_id": "c1",
+            },
+            {"product:1", "list:brand:b1", "list:brand:b2"},
+        ),
+        (
+            {"type": PRODUCT_CREATED, "product_id": "1", "category_id": "c", "brand_id": "b"},
+            {"product:1", "list:category:c", "list:brand:b", "list:all"},
+        ),
+        (
+            {"type": PRODUCT_DELETED, "product_id": "1", "category_id": "c", "brand_id": "b"},
+            {"product:1", "list:category:c", "list:brand:b", "list:all"},
+        ),
+        ({"type": CATEGORY_UPDATED, "category_id": "c"}, {"category:c"}),
+        ({"type": BRAND_UPDATED, "brand_id": "b"}, {"brand:b"}),
+    ],
+)
+def test_tags_for_follows_the_design_mapping(extra: dict[str, str], tags: set[str]) -> None:
+    assert {t.name for t in tags_for(parse(fields(**extra)))} == tags
+
+
+def test_only_renames_bump_the_generation() -> None:
+    renames = [
+        parse(fields(type=CATEGORY_UPDATED, category_id="c")),
+        parse(fields(type=BRAND_UPDATED, brand_id="b")),
+    ]
+    assert all(t.embeds_name for e in renames for t in tags_for(e))
+    moved = parse(
+        fields(type=PRODUCT_UPDATED, product_id="1", category_id="c2", previous_category_id="c1")
+    )
+    assert not any(t.embeds_name for t in tags_for(moved))
+    assert Tag.list_category("c1") in tags_for(moved)

@@ -1,0 +1,155 @@
+"""Consumer processes (``python -m invalidator``): SIGKILL mid-stream loses nothing, SIGTERM
+finishes and leaves cleanly. Conditions are polled with a bound; timing is never asserted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from invalidator.events import PRODUCT_UPDATED, new_event
+from invalidator.publisher import Publisher
+from service.cache.store import CacheStore
+from service.keys import Keys, Tag
+from service.settings import Settings
+from tests.helpers import eventually
+from tests.invalidator.conftest import exists, fill, group_info
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+class Processes:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        environ = {
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": str(ROOT),
+            "CATALOG_REDIS_URL": self.settings.redis_url,
+            "CATALOG_KEY_NAMESPACE": self.settings.key_namespace,
+            "CATALOG_INVALIDATOR_CONSUMER": name,
+            "CATALOG_INVALIDATOR_BLOCK_MS": "200",
+            "CATALOG_INVALIDATOR_CLAIM_MIN_IDLE_MS": "1000",
+            "CATALOG_INVALIDATOR_CLAIM_INTERVAL_MS": "100",
+            "CATALOG_INVALIDATOR_METRICS_PORT": "0",
+            "CATALOG_INVALIDATOR_HEALTH_ADDRESS": "",
+            "CATALOG_OUTBOX_RELAY": "false",
+            "CATALOG_LOG_LEVEL": "WARNING",
+            **env,
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "invalidator"], env=environ, cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture
+def processes(settings: Settings) -> Iterator[Processes]:
+    group = Processes(settings)
+    yield group
+    for proc in group.procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+async def consumer_pending(redis: Redis, keys: Keys, name: str) -> int:
+    for info in await redis.xinfo_consumers(keys.stream, keys.group):
+        if info["name"].decode() == name:
+            return int(info["pending"])
+    return 0
+
+
+async def stop_holding_entries(
+    redis: Redis, keys: Keys, proc: subprocess.Popen[bytes], name: str
+) -> int:
+    """SIGSTOP ``proc`` at a moment it holds delivered, unacked entries; returns how many."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None
+        if not await consumer_pending(redis, keys, name):
+            continue  # let it run freely until it holds something
+        proc.send_signal(signal.SIGSTOP)
+        held = await consumer_pending(redis, keys, name)  # it may have acked meanwhile
+        if held:
+            return held
+        proc.send_signal(signal.SIGCONT)
+    raise AssertionError(f"{name} never held pending entries")
+
+
+async def drained(redis: Redis, keys: Keys, total: int) -> bool:
+    info = await group_info(redis, keys)
+    return bool(info["pending"] == 0 and info["lag"] == 0 and info["entries-read"] == total)
+
+
+async def test_sigkilled_consumer_loses_nothing(
+    processes: Processes, store: CacheStore, publisher: Publisher, redis: Redis, keys: Keys
+) -> None:
+    total = 10_000
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(total):  # one cached product per event, plus bystanders that must stay
+            tag_key = keys.tag(Tag.product(str(i)))
+            pipe.set(keys.product(str(i)), b"v", px=600_000)
+            pipe.sadd(tag_key, keys.product(str(i)))
+        await pipe.execute()
+    for i in range(20):
+        await fill(store, keys.product(f"other{i}"), [Tag.product(f"other{i}")])
+    await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    victim = processes.start("victim", CATALOG_INVALIDATOR_BATCH_SIZE="100")
+    survivor = processes.start("survivor", CATALOG_INVALIDATOR_BATCH_SIZE="100")
+    for start in range(0, total, 500):
+        await publisher.publish_many(
+            new_event(PRODUCT_UPDATED, product_id=str(i)) for i in range(start, start + 500)
+        )
+
+    async def a_third_in() -> bool:
+        return int((await group_info(redis, keys))["entries-read"] or 0) >= total // 3
+
+    await eventually(a_third_in, what="a third of the events read")
+    held = await stop_holding_entries(redis, keys, victim, "victim")
+    victim.kill()
+    victim.wait()
+
+    await eventually(lambda: drained(redis, keys, total), timeout=120, what="all acked")
+    assert held > 0
+    assert await consumer_pending(redis, keys, "victim") == 0
+    assert await redis.xpending_range(keys.stream, keys.group, "-", "+", 10) == []
+    stale = [
+        i
+        for i, there in enumerate(await redis.mget([keys.product(str(i)) for i in range(total)]))
+        if there
+    ]
+    assert stale == []
+    assert all(await exists(redis, *(keys.product(f"other{i}") for i in range(20))))
+    assert survivor.poll() is None
+
+
+async def test_sigterm_with_pending_work_finishes_and_leaves_cleanly(
+    processes: Processes, publisher: Publisher, redis: Redis, keys: Keys
+) -> None:
+    total = 5000
+    await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    for start in range(0, total, 500):
+        await publisher.publish_many(
+            new_event(PRODUCT_UPDATED, product_id=str(i)) for i in range(start, start + 500)
+        )
+    first = processes.start("first", CATALOG_INVALIDATOR_BATCH_SIZE="50")
+    await stop_holding_entries(redis, keys, first, "first")
+    first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(60) == 0  # 0: it left the group holding nothing
+    names = [c["name"] for c in await redis.xinfo_consumers(keys.stream, keys.group)]
+    assert b"first" not in names
+    assert (await group_info(redis, keys))["pending"] == 0
+    # What it did not read is still there for the next consumer: nothing was lost.
+    processes.start("second")
+    await eventually(lambda: drained(redis, keys, total), timeout=60, what="rest consumed")
