@@ -31,7 +31,7 @@ from service.keys import Keys
 from service.metrics import start_metrics_server
 from service.pagetokens import PageTokens
 from service.repository import Repository
-from service.settings import Settings
+from service.settings import DEV_PAGE_TOKEN_SECRET, Settings
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -97,6 +97,10 @@ async def start(
 
     ``repository`` lets tests pause or break database reads around the real queries.
     """
+    if settings.page_token_secret == DEV_PAGE_TOKEN_SECRET:
+        log.warning(
+            "CATALOG_PAGE_TOKEN_SECRET is the development default: page tokens are forgeable"
+        )
     engine = create_engine(settings)
     redis = create_redis(settings)
     repo = repository(engine)

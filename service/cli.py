@@ -49,6 +49,31 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _healthcheck_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", help="host:port to ask (default: CATALOG_GRPC_ADDRESS, 0.0.0.0 as loopback)"
+    )
+
+
+def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when grpc.health.v1 answers SERVING: for container health checks and operators."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target or settings.grpc_address.replace("0.0.0.0:", "127.0.0.1:")
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        except grpc.RpcError as exc:
+            print(f"{target}: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _seed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--products", type=_positive_int, default=10_000, help="how many")
     parser.add_argument("--seed", type=int, default=42, help="random seed (same seed, same data)")
@@ -69,6 +94,9 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "run the gRPC service until SIGTERM/SIGINT", _serve),
+    Command(
+        "healthcheck", "exit 0 if a server reports SERVING", _healthcheck, _healthcheck_arguments
+    ),
     Command("migrate", "apply database migrations up to the newest revision", _migrate),
     Command("seed", "load deterministic demo data", _seed, _seed_arguments),
 )

@@ -120,9 +120,9 @@ class PostgresCluster:
     """
 
     def __init__(self, workdir: Path, port: int | None = None, *, fsync: bool = False) -> None:
-        self.workdir = workdir
-        self.datadir = workdir / "data"
-        self.logfile = workdir / "postgres.log"
+        self.workdir = workdir.absolute()  # binaries run with it as their working directory
+        self.datadir = self.workdir / "data"
+        self.logfile = self.workdir / "postgres.log"
         self.fsync = fsync
         self.bindir = postgres_bindir()
         self.port = port or self._running_port() or self._recorded_port() or free_port()

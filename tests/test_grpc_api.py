@@ -244,3 +244,13 @@ async def test_deadline_and_overload_statuses(settings: Settings, fresh_database
 
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+async def test_healthcheck_command_reports_serving_and_failure(service: Service) -> None:
+    from service.cli import main
+
+    assert (
+        await asyncio.to_thread(main, ["healthcheck", "--target", f"127.0.0.1:{service.port}"]) == 0
+    )
+    closed = f"127.0.0.1:{free_port()}"
+    assert await asyncio.to_thread(main, ["healthcheck", "--target", closed]) == 1

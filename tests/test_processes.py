@@ -70,7 +70,7 @@ async def test_stampede_across_two_processes_loads_the_database_once(
         replies = await asyncio.gather(*calls)
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
     assert {r.id for r in replies} == {"p0000042"}
     assert len({r.SerializeToString() for r in replies}) == 1
     loads = [s.metric("catalog_db_loads_total", op="get_products") for s in servers]

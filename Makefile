@@ -1,0 +1,98 @@
+# Developer entry points. Everything runs from the project virtualenv in .venv.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Written after a successful install; reinstalls only when pyproject.toml changes.
+STAMP := $(VENV)/.installed
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
+PYTEST_ARGS ?=
+
+PROTO := protos/catalog/v1/catalog.proto
+STUBS := catalog_pb2.py catalog_pb2.pyi catalog_pb2_grpc.py catalog_pb2_grpc.pyi
+# protoc-gen-mypy and protoc-gen-mypy_grpc must be on PATH.
+PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+	--python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) $(PROTO)
+# Lines that only record the generator's version; other generator versions may differ there.
+PROTO_VERSION_LINES := -I 'Protobuf Python Version:' -I '^GRPC_GENERATED_VERSION = ' \
+	-I '^    [0-9][0-9]*,$$'
+
+.PHONY: help install proto proto-check lint format test run bench up down compose-check clean
+
+help:
+	@echo "targets: install proto proto-check lint format test run bench up down compose-check clean"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+proto: install
+	$(call PROTOC,.)
+	touch catalog/__init__.py catalog/v1/__init__.py
+
+proto-check: install
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(call PROTOC,$$tmp); \
+	stale=0; \
+	for f in $(STUBS); do \
+		diff -u $(PROTO_VERSION_LINES) "catalog/v1/$$f" "$$tmp/catalog/v1/$$f" || stale=1; \
+	done; \
+	for f in catalog/__init__.py catalog/v1/__init__.py; do \
+		test -e "$$f" || { echo "missing $$f"; stale=1; }; \
+	done; \
+	if [ "$$stale" != 0 ]; then \
+		echo "catalog/v1 is stale against $(PROTO): run 'make proto' and commit the result" >&2; \
+		exit 1; \
+	fi; \
+	echo "catalog/v1 stubs match $(PROTO)"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(MAKE) --no-print-directory proto-check
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+run: install
+	$(BIN)/python -m service.devrun
+
+bench: install
+	@if [ -e bench/__main__.py ]; then \
+		$(BIN)/python -m bench; \
+	else \
+		echo "no benchmark yet (bench/__main__.py)"; \
+	fi
+
+up:
+	$(COMPOSE) up -d --build
+
+down:
+	$(COMPOSE) down
+
+compose-check:
+	@if command -v docker-compose >/dev/null; then \
+		docker-compose config -q && echo "docker-compose.yml is valid"; \
+	else \
+		echo "docker-compose not installed: skipping compose validation"; \
+	fi
+
+clean:
+	@# A cluster left running by a killed `make run` would hold files in .run.
+	-if [ -x $(BIN)/python ] && [ -d .run/postgres ]; then \
+		$(BIN)/python -c 'from pathlib import Path; from service.localservers import PostgresCluster as C; C(Path(".run/postgres")).stop()'; \
+	fi
+	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
+		.coverage .coverage.* htmlcov
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

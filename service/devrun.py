@@ -1,0 +1,249 @@
+"""``make run``: the whole catalog on one machine, for development.
+
+Uses the configured PostgreSQL and Redis when they answer; otherwise starts private ones under
+``.run/`` (the PostgreSQL cluster, and so its seeded data, is reused by the next run). Then it
+migrates, seeds, and starts every process of ``CHILDREN``. It runs until SIGINT/SIGTERM (exit 0)
+or until a child exits (exit with that child's code, never 0). Either way, every child and every
+server it started is stopped before it returns; servers it found running are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import psycopg
+import redis
+from psycopg import sql
+from sqlalchemy.engine import URL, make_url
+
+from service.localservers import PostgresCluster, RedisProcess
+from service.settings import Settings, SettingsError, redact_url
+
+# The processes of a development stack, started in this order and stopped in reverse.
+CHILDREN: list[tuple[str, list[str]]] = [
+    ("service", [sys.executable, "-m", "service", "serve"]),
+    ("invalidator", [sys.executable, "-m", "invalidator"]),
+]
+
+RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
+READY_TIMEOUT_S = 60.0
+log = logging.getLogger("devrun")
+
+
+class _Stop(BaseException):
+    """Raised by the SIGINT/SIGTERM handler: unwinds whatever start-up step is running."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.devrun", description=__doc__)
+    parser.add_argument("--products", type=int, default=10_000, help="products to seed")
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="where private servers live")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="devrun: %(message)s")
+    for name in (log.name, "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:
+        log.error("%s", e)
+        return 2
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    cleanup = contextlib.ExitStack()
+    try:
+        return _run(settings, args.run_dir, args.products, cleanup)
+    except _Stop as received:
+        log.info("%s received: stopping", received)
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: log.info("already stopping"))
+        cleanup.close()
+
+
+def _run(settings: Settings, run_dir: Path, products: int, cleanup: contextlib.ExitStack) -> int:
+    """Start everything (registering its stop in ``cleanup`` first); return the exit code."""
+    host, port = _grpc_target(settings.grpc_address)
+    if _answers(host, port):
+        log.error("something already listens on %s:%d (set CATALOG_GRPC_ADDRESS)", host, port)
+        return 1
+    settings = _ensure_postgres(settings, run_dir, cleanup)
+    settings = _ensure_redis(settings, run_dir, cleanup)
+
+    from service.migrations import upgrade
+    from service.seed import seed_catalog
+
+    log.info("migrating %s", settings.database_url_safe)
+    upgrade(settings.database_url)
+    seeded = seed_catalog(settings.database_url, products=products, seed=42)
+    if seeded:
+        log.info("seeded %d products", seeded)
+    else:
+        log.info("catalog already seeded")
+
+    env = {
+        **os.environ,
+        "CATALOG_DATABASE_URL": settings.database_url,
+        "CATALOG_REDIS_URL": settings.redis_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    cleanup.callback(
+        _stop_children, children, settings.shutdown_drain_s + settings.shutdown_grace_s
+    )
+    for name, cmd in CHILDREN:
+        # A process group of its own: a terminal's Ctrl-C reaches only us, and we stop it in order.
+        children.append((name, subprocess.Popen(cmd, env=env, process_group=0)))
+        log.info("started %s (pid %d)", name, children[-1][1].pid)
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not _answers(host, port):
+        if (code := _exit_code_of_dead(children)) is not None:
+            return code
+        if time.monotonic() > deadline:
+            log.error("the gRPC server did not listen on %s:%d in %ss", host, port, READY_TIMEOUT_S)
+            return 1
+        time.sleep(0.1)
+    print(_usage(f"{host}:{port}", settings), flush=True)
+    while (code := _exit_code_of_dead(children)) is None:
+        time.sleep(0.2)
+    return code
+
+
+def _ensure_postgres(settings: Settings, run_dir: Path, cleanup: contextlib.ExitStack) -> Settings:
+    """Settings whose database exists on a PostgreSQL that answers (a private one if need be)."""
+    url = make_url(settings.database_url)
+    try:
+        _create_database_if_missing(url)
+        return settings
+    except psycopg.OperationalError as e:
+        if url.host and _answers(url.host, url.port or 5432):
+            raise SystemExit(f"PostgreSQL at {settings.database_url_safe} refused us: {e}") from e
+    log.info("no PostgreSQL at %s: starting one in %s", settings.database_url_safe, run_dir)
+    cluster = PostgresCluster(run_dir / "postgres")
+    cleanup.callback(cluster.stop)
+    cluster.start()
+    url = make_url(cluster.url).set(database=url.database or "catalog")
+    _create_database_if_missing(url)
+    return settings.replace(database_url=url.render_as_string(hide_password=False))
+
+
+def _create_database_if_missing(url: URL) -> None:
+    conninfo = psycopg.conninfo.make_conninfo(
+        host=url.host, port=url.port, user=url.username, password=url.password, dbname="postgres"
+    )
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=2) as conn:
+        if not url.database:
+            return
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [url.database])
+        if found.fetchone() is None:
+            log.info("creating database %s", url.database)
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(url.database)))
+
+
+def _ensure_redis(settings: Settings, run_dir: Path, cleanup: contextlib.ExitStack) -> Settings:
+    """Settings pointing at a Redis that answers PING (a private one if need be)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+        return settings
+    except redis.AuthenticationError as e:
+        raise SystemExit(f"Redis at {settings.redis_url_safe} refused us: {e}") from e
+    except (redis.ConnectionError, redis.TimeoutError):
+        pass
+    finally:
+        client.close()
+    log.info("no Redis at %s: starting one in %s", settings.redis_url_safe, run_dir)
+    # The eviction policy the service is designed for (see docker-compose.yml).
+    server = RedisProcess(
+        run_dir / "redis", None, "--maxmemory", "512mb", "--maxmemory-policy", "volatile-ttl"
+    )
+    cleanup.callback(server.stop)
+    server.start()
+    return settings.replace(redis_url=server.url)
+
+
+def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], grace_s: float) -> None:
+    """SIGTERM every child, newest first; SIGKILL what is still running after ``grace_s`` + 5s."""
+    for _, proc in reversed(children):
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace_s + 5
+    for name, proc in reversed(children):
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time: killing it", name)
+            proc.kill()
+            proc.wait()
+
+
+def _exit_code_of_dead(children: list[tuple[str, subprocess.Popen[bytes]]]) -> int | None:
+    """None while every child runs; else a non-zero code for the first that exited."""
+    for name, proc in children:
+        if (code := proc.poll()) is not None:
+            log.error("%s exited with code %d: stopping everything", name, code)
+            if code < 0:  # killed by signal -code: report it the way a shell does
+                return 128 - code
+            return code or 1
+    return None
+
+
+def _grpc_target(address: str) -> tuple[str, int]:
+    """Where a local client reaches a server bound to ``address`` (wildcards mean loopback)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), int(port)
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _usage(target: str, settings: Settings) -> str:
+    metrics = (
+        f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
+    )
+    return f"""
+catalog is serving on {target}
+  PostgreSQL: {settings.database_url_safe}
+  Redis:      {redact_url(settings.redis_url)}
+  metrics:    {metrics}
+
+Call it with grpcurl:
+  grpcurl -plaintext {target} list
+  grpcurl -plaintext -d '{{"id":"p0000001"}}' {target} catalog.v1.CatalogService/GetProduct
+  grpcurl -plaintext -d '{{"page_size":5}}' {target} catalog.v1.CatalogService/ListProducts
+  grpcurl -plaintext {target} grpc.health.v1.Health/Check
+
+or from Python (.venv/bin/python):
+  import grpc
+  from catalog.v1 import catalog_pb2, catalog_pb2_grpc
+  with grpc.insecure_channel("{target}") as channel:
+      stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+      print(stub.GetProduct(catalog_pb2.GetProductRequest(id="p0000001")))
+
+Ctrl-C stops everything.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
