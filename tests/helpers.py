@@ -29,11 +29,14 @@ def db_loads() -> Delta:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool]],
+    timeout: float = 15.0,
+    what: str = "condition",
+    interval: float = 0.02,
 ) -> None:
     """Poll ``check`` until it is true; fail after ``timeout`` (a bound, not a timing claim)."""
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval)

@@ -1,0 +1,182 @@
+"""A write through the outbox reaches every read path: PostgreSQL -> outbox -> relay -> stream ->
+invalidator process -> tag sets -> the next GetProduct/ListProducts/BatchGetProducts.
+
+The invalidator runs as a real ``python -m invalidator`` process. Latencies from commit to key
+deletion are printed (run with ``-s``), never asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+import sqlalchemy as sa
+from grpc import aio
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from catalog.v1 import catalog_pb2 as pb
+from catalog.v1 import catalog_pb2_grpc
+from invalidator.events import CATEGORY_UPDATED, PRODUCT_UPDATED, new_event
+from invalidator.outbox import add_to_outbox
+from service.app import Service, start
+from service.db import create_engine
+from service.keys import Keys
+from service.settings import Settings
+from tests.helpers import eventually
+from tests.processes import settings_env
+
+if TYPE_CHECKING:
+    from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
+
+pytestmark = pytest.mark.slow
+P, Q = "p0000011", "p0000012"
+
+
+@pytest.fixture
+def e2e_settings(settings: Settings, fresh_database_url: str) -> Settings:
+    return settings.replace(database_url=fresh_database_url, grpc_address="127.0.0.1:0")
+
+
+@pytest.fixture
+def invalidator(e2e_settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    env = settings_env(e2e_settings) | {
+        "CATALOG_INVALIDATOR_BLOCK_MS": "200",
+        "CATALOG_INVALIDATOR_METRICS_PORT": "0",
+        "CATALOG_INVALIDATOR_HEALTH_ADDRESS": "",
+        "CATALOG_OUTBOX_POLL_MS": "5",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "invalidator"], env=env)
+    yield proc
+    proc.terminate()
+    assert proc.wait(30) == 0, "the invalidator leaves its group cleanly"
+
+
+@pytest.fixture
+async def running(
+    e2e_settings: Settings, redis_client: Redis, invalidator: subprocess.Popen[bytes]
+) -> AsyncIterator[tuple[Service, Stub]]:
+    """The service, once one warm-up event went through the outbox, relay and consumer (so the
+    latencies printed exclude process start-up)."""
+    stream = Keys(e2e_settings.key_namespace).stream
+    engine = create_engine(e2e_settings)
+    async with engine.begin() as conn:
+        await add_to_outbox(conn, new_event(PRODUCT_UPDATED, product_id="warm-up"))
+    await engine.dispose()
+
+    async def warmed_up() -> bool:
+        if not await redis_client.exists(stream):
+            return False
+        groups = await redis_client.xinfo_groups(stream)
+        return any(g["entries-read"] == 1 and g["pending"] == 0 for g in groups)
+
+    await eventually(warmed_up, what="the warm-up event to be processed")
+    svc = await start(e2e_settings)
+    async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        yield svc, catalog_pb2_grpc.CatalogServiceStub(channel)
+    await svc.stop(grace=0)
+
+
+async def test_outbox_write_invalidates_exactly_what_changed_on_every_read_path(
+    e2e_settings: Settings,
+    running: tuple[Service, Stub],
+    invalidator: subprocess.Popen[bytes],
+    redis_client: Redis,
+) -> None:
+    _, stub = running
+    keys = Keys(e2e_settings.key_namespace)
+    engine = create_engine(e2e_settings)
+    try:
+        product = await stub.GetProduct(pb.GetProductRequest(id=P))
+        old_category, brand = product.category.id, product.brand.id
+
+        async def page(category: str) -> list[pb.Product]:
+            reply = await stub.ListProducts(
+                pb.ListProductsRequest(page_size=100, category_id=category)
+            )
+            return list(reply.products)
+
+        async def batch() -> list[pb.Product]:
+            reply = await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=[P, Q]))
+            return [r.product for r in reply.results]
+
+        async def write(sql: str, params: dict[str, object], event: object) -> float:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text(sql), params)
+                await add_to_outbox(conn, event)  # type: ignore[arg-type]
+            return time.perf_counter()
+
+        async def gone(key: str, since: float, what: str) -> None:
+            async def deleted() -> bool:
+                return not await redis_client.exists(key)
+
+            await eventually(deleted, what=f"{what}: {key} deleted", interval=0.001)
+            print(
+                f"\n{what}: commit -> key deleted in {(time.perf_counter() - since) * 1000:.1f} ms"
+            )
+
+        old_page_key = keys.page(old_category, "", "", 100)
+        await page(old_category)
+        await batch()
+        q_before = await stub.GetProduct(pb.GetProductRequest(id=Q))
+
+        # 1. An edit: only the product entry goes; pages keep their ids.
+        committed = await write(
+            "UPDATE products SET name = 'Edited', version = version + 1 WHERE id = :id",
+            {"id": P},
+            new_event(PRODUCT_UPDATED, product_id=P, category_id=old_category, brand_id=brand),
+        )
+        await gone(keys.product(P), committed, "product.updated")
+        assert await redis_client.exists(old_page_key), "an edit leaves list pages alone"
+        assert await redis_client.exists(keys.product(Q)), "other products stay cached"
+        assert (await stub.GetProduct(pb.GetProductRequest(id=P))).name == "Edited"
+        assert [p.name for p in await page(old_category) if p.id == P] == ["Edited"]
+        assert (await batch())[0].name == "Edited"
+        assert await stub.GetProduct(pb.GetProductRequest(id=Q)) == q_before
+
+        # 2. A move to another category: the product and both categories' pages go.
+        new_category = next(c for c in (await _categories(engine)) if c != old_category)
+        new_page_key = keys.page(new_category, "", "", 100)
+        await page(new_category)
+        committed = await write(
+            "UPDATE products SET category_id = :c, version = version + 1 WHERE id = :id",
+            {"id": P, "c": new_category},
+            new_event(
+                PRODUCT_UPDATED,
+                product_id=P,
+                category_id=new_category,
+                previous_category_id=old_category,
+                brand_id=brand,
+            ),
+        )
+        await gone(new_page_key, committed, "product.updated (moved)")
+        assert not await redis_client.exists(old_page_key)
+        assert P not in [p.id for p in await page(old_category)]
+        assert P in [p.id for p in await page(new_category)]
+        assert (await stub.GetProduct(pb.GetProductRequest(id=P))).category.id == new_category
+        assert (await batch())[0].category.id == new_category
+
+        # 3. A rename of that category: every product embedding its name goes.
+        committed = await write(
+            "UPDATE categories SET name = 'Renamed Category' WHERE id = :c",
+            {"c": new_category},
+            new_event(CATEGORY_UPDATED, category_id=new_category),
+        )
+        await gone(keys.product(P), committed, "category.updated")
+        assert (
+            await stub.GetProduct(pb.GetProductRequest(id=P))
+        ).category.name == "Renamed Category"
+        assert {p.category.name for p in await page(new_category)} == {"Renamed Category"}
+        assert (await batch())[0].category.name == "Renamed Category"
+    finally:
+        await engine.dispose()
+
+
+async def _categories(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return list(
+            (await conn.execute(sa.text("SELECT id FROM categories ORDER BY id"))).scalars()
+        )
