@@ -23,42 +23,49 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61talog/v1/catalog.proto\x12\ncatalog.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1f\n\x11GetProductRequest\x12\n\n\x02id\x18\x01 \x01(\t\"c\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61tegory_id\x18\x03 \x01(\t\x12\x10\n\x08\x62rand_id\x18\x04 \x01(\t\"V\n\x14ListProductsResponse\x12%\n\x08products\x18\x01 \x03(\x0b\x32\x13.catalog.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x17\x42\x61tchGetProductsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"O\n\x18\x42\x61tchGetProductsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".catalog.v1.BatchGetProductsResult\"\x83\x01\n\x16\x42\x61tchGetProductsResult\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x07product\x18\x02 \x01(\x0b\x32\x13.catalog.v1.ProductH\x00\x12+\n\tnot_found\x18\x03 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x42\x08\n\x06result\"\xff\x02\n\x07Product\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12&\n\x08\x63\x61tegory\x18\x05 \x01(\x0b\x32\x14.catalog.v1.Category\x12 \n\x05\x62rand\x18\x06 \x01(\x0b\x32\x11.catalog.v1.Brand\x12!\n\x06images\x18\x07 \x03(\x0b\x32\x11.catalog.v1.Image\x12%\n\nbase_price\x18\x08 \x01(\x0b\x32\x11.catalog.v1.Money\x12&\n\x0b\x66inal_price\x18\t \x01(\x0b\x32\x11.catalog.v1.Money\x12+\n\x0c\x61pplied_rule\x18\n \x01(\x0b\x32\x15.catalog.v1.PriceRule\x12\r\n\x05stock\x18\x0b \x01(\x03\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x08\x43\x61tegory\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"!\n\x05\x42rand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"8\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x10\n\x08\x61lt_text\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x05\"4\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\"\xaf\x01\n\tPriceRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.catalog.v1.PriceRule.Kind\x12\r\n\x05value\x18\x04 \x01(\x03\x12\x10\n\x08priority\x18\x05 \x01(\x05\"=\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPERCENT_OFF\x10\x01\x12\x0e\n\nAMOUNT_OFF\x10\x02\x32\x84\x02\n\x0e\x43\x61talogService\x12@\n\nGetProduct\x12\x1d.catalog.v1.GetProductRequest\x1a\x13.catalog.v1.Product\x12Q\n\x0cListProducts\x12\x1f.catalog.v1.ListProductsRequest\x1a .catalog.v1.ListProductsResponse\x12]\n\x10\x42\x61tchGetProducts\x12#.catalog.v1.BatchGetProductsRequest\x1a$.catalog.v1.BatchGetProductsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61talog/v1/catalog.proto\x12\ncatalog.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1f\n\x11GetProductRequest\x12\n\n\x02id\x18\x01 \x01(\t\"c\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61tegory_id\x18\x03 \x01(\t\x12\x10\n\x08\x62rand_id\x18\x04 \x01(\t\"V\n\x14ListProductsResponse\x12%\n\x08products\x18\x01 \x03(\x0b\x32\x13.catalog.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x17\x42\x61tchGetProductsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"O\n\x18\x42\x61tchGetProductsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".catalog.v1.BatchGetProductsResult\"\x83\x01\n\x16\x42\x61tchGetProductsResult\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x07product\x18\x02 \x01(\x0b\x32\x13.catalog.v1.ProductH\x00\x12+\n\tnot_found\x18\x03 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x42\x08\n\x06result\"m\n\x14UpdateProductRequest\x12$\n\x07product\x18\x01 \x01(\x0b\x32\x13.catalog.v1.Product\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"0\n\x19RecordProductViewsRequest\x12\x13\n\x0bproduct_ids\x18\x01 \x03(\t\".\n\x1aRecordProductViewsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\"\xff\x02\n\x07Product\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12&\n\x08\x63\x61tegory\x18\x05 \x01(\x0b\x32\x14.catalog.v1.Category\x12 \n\x05\x62rand\x18\x06 \x01(\x0b\x32\x11.catalog.v1.Brand\x12!\n\x06images\x18\x07 \x03(\x0b\x32\x11.catalog.v1.Image\x12%\n\nbase_price\x18\x08 \x01(\x0b\x32\x11.catalog.v1.Money\x12&\n\x0b\x66inal_price\x18\t \x01(\x0b\x32\x11.catalog.v1.Money\x12+\n\x0c\x61pplied_rule\x18\n \x01(\x0b\x32\x15.catalog.v1.PriceRule\x12\r\n\x05stock\x18\x0b \x01(\x03\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x08\x43\x61tegory\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"!\n\x05\x42rand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"8\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x10\n\x08\x61lt_text\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x05\"4\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\"\xaf\x01\n\tPriceRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.catalog.v1.PriceRule.Kind\x12\r\n\x05value\x18\x04 \x01(\x03\x12\x10\n\x08priority\x18\x05 \x01(\x05\"=\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPERCENT_OFF\x10\x01\x12\x0e\n\nAMOUNT_OFF\x10\x02\x32\xb1\x03\n\x0e\x43\x61talogService\x12@\n\nGetProduct\x12\x1d.catalog.v1.GetProductRequest\x1a\x13.catalog.v1.Product\x12Q\n\x0cListProducts\x12\x1f.catalog.v1.ListProductsRequest\x1a .catalog.v1.ListProductsResponse\x12]\n\x10\x42\x61tchGetProducts\x12#.catalog.v1.BatchGetProductsRequest\x1a$.catalog.v1.BatchGetProductsResponse\x12\x46\n\rUpdateProduct\x12 .catalog.v1.UpdateProductRequest\x1a\x13.catalog.v1.Product\x12\x63\n\x12RecordProductViews\x12%.catalog.v1.RecordProductViewsRequest\x1a&.catalog.v1.RecordProductViewsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'catalog.v1.catalog_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETPRODUCTREQUEST']._serialized_start=102
-  _globals['_GETPRODUCTREQUEST']._serialized_end=133
-  _globals['_LISTPRODUCTSREQUEST']._serialized_start=135
-  _globals['_LISTPRODUCTSREQUEST']._serialized_end=234
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=236
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=322
-  _globals['_BATCHGETPRODUCTSREQUEST']._serialized_start=324
-  _globals['_BATCHGETPRODUCTSREQUEST']._serialized_end=362
-  _globals['_BATCHGETPRODUCTSRESPONSE']._serialized_start=364
-  _globals['_BATCHGETPRODUCTSRESPONSE']._serialized_end=443
-  _globals['_BATCHGETPRODUCTSRESULT']._serialized_start=446
-  _globals['_BATCHGETPRODUCTSRESULT']._serialized_end=577
-  _globals['_PRODUCT']._serialized_start=580
-  _globals['_PRODUCT']._serialized_end=963
-  _globals['_CATEGORY']._serialized_start=965
-  _globals['_CATEGORY']._serialized_end=1001
-  _globals['_BRAND']._serialized_start=1003
-  _globals['_BRAND']._serialized_end=1036
-  _globals['_IMAGE']._serialized_start=1038
-  _globals['_IMAGE']._serialized_end=1094
-  _globals['_MONEY']._serialized_start=1096
-  _globals['_MONEY']._serialized_end=1148
-  _globals['_PRICERULE']._serialized_start=1151
-  _globals['_PRICERULE']._serialized_end=1326
-  _globals['_PRICERULE_KIND']._serialized_start=1265
-  _globals['_PRICERULE_KIND']._serialized_end=1326
-  _globals['_CATALOGSERVICE']._serialized_start=1329
-  _globals['_CATALOGSERVICE']._serialized_end=1589
+  _globals['_GETPRODUCTREQUEST']._serialized_start=136
+  _globals['_GETPRODUCTREQUEST']._serialized_end=167
+  _globals['_LISTPRODUCTSREQUEST']._serialized_start=169
+  _globals['_LISTPRODUCTSREQUEST']._serialized_end=268
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=270
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=356
+  _globals['_BATCHGETPRODUCTSREQUEST']._serialized_start=358
+  _globals['_BATCHGETPRODUCTSREQUEST']._serialized_end=396
+  _globals['_BATCHGETPRODUCTSRESPONSE']._serialized_start=398
+  _globals['_BATCHGETPRODUCTSRESPONSE']._serialized_end=477
+  _globals['_BATCHGETPRODUCTSRESULT']._serialized_start=480
+  _globals['_BATCHGETPRODUCTSRESULT']._serialized_end=611
+  _globals['_UPDATEPRODUCTREQUEST']._serialized_start=613
+  _globals['_UPDATEPRODUCTREQUEST']._serialized_end=722
+  _globals['_RECORDPRODUCTVIEWSREQUEST']._serialized_start=724
+  _globals['_RECORDPRODUCTVIEWSREQUEST']._serialized_end=772
+  _globals['_RECORDPRODUCTVIEWSRESPONSE']._serialized_start=774
+  _globals['_RECORDPRODUCTVIEWSRESPONSE']._serialized_end=820
+  _globals['_PRODUCT']._serialized_start=823
+  _globals['_PRODUCT']._serialized_end=1206
+  _globals['_CATEGORY']._serialized_start=1208
+  _globals['_CATEGORY']._serialized_end=1244
+  _globals['_BRAND']._serialized_start=1246
+  _globals['_BRAND']._serialized_end=1279
+  _globals['_IMAGE']._serialized_start=1281
+  _globals['_IMAGE']._serialized_end=1337
+  _globals['_MONEY']._serialized_start=1339
+  _globals['_MONEY']._serialized_end=1391
+  _globals['_PRICERULE']._serialized_start=1394
+  _globals['_PRICERULE']._serialized_end=1569
+  _globals['_PRICERULE_KIND']._serialized_start=1508
+  _globals['_PRICERULE_KIND']._serialized_end=1569
+  _globals['_CATALOGSERVICE']._serialized_start=1572
+  _globals['_CATALOGSERVICE']._serialized_end=2005
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class CatalogServiceStub:
                 request_serializer=catalog_dot_v1_dot_catalog__pb2.BatchGetProductsRequest.SerializeToString,
                 response_deserializer=catalog_dot_v1_dot_catalog__pb2.BatchGetProductsResponse.FromString,
                 _registered_method=True)
+        self.UpdateProduct = channel.unary_unary(
+                '/catalog.v1.CatalogService/UpdateProduct',
+                request_serializer=catalog_dot_v1_dot_catalog__pb2.UpdateProductRequest.SerializeToString,
+                response_deserializer=catalog_dot_v1_dot_catalog__pb2.Product.FromString,
+                _registered_method=True)
+        self.RecordProductViews = channel.unary_unary(
+                '/catalog.v1.CatalogService/RecordProductViews',
+                request_serializer=catalog_dot_v1_dot_catalog__pb2.RecordProductViewsRequest.SerializeToString,
+                response_deserializer=catalog_dot_v1_dot_catalog__pb2.RecordProductViewsResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
@@ -76,6 +86,23 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateProduct(self, request, context):
+        """Changes the fields named in update_mask (AIP-134) and returns the product as stored. When
+        product.version is set it must equal the stored version, else ABORTED (optimistic
+        concurrency: re-read and retry). The next read on any replica sees the change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordProductViews(self, request, context):
+        """Counts one view per listed id. Counts are buffered in Redis and written to PostgreSQL in
+        batches (write-behind); the response only says how many were accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +120,16 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.BatchGetProducts,
                     request_deserializer=catalog_dot_v1_dot_catalog__pb2.BatchGetProductsRequest.FromString,
                     response_serializer=catalog_dot_v1_dot_catalog__pb2.BatchGetProductsResponse.SerializeToString,
+            ),
+            'UpdateProduct': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateProduct,
+                    request_deserializer=catalog_dot_v1_dot_catalog__pb2.UpdateProductRequest.FromString,
+                    response_serializer=catalog_dot_v1_dot_catalog__pb2.Product.SerializeToString,
+            ),
+            'RecordProductViews': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordProductViews,
+                    request_deserializer=catalog_dot_v1_dot_catalog__pb2.RecordProductViewsRequest.FromString,
+                    response_serializer=catalog_dot_v1_dot_catalog__pb2.RecordProductViewsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +213,60 @@ class CatalogService:
             '/catalog.v1.CatalogService/BatchGetProducts',
             catalog_dot_v1_dot_catalog__pb2.BatchGetProductsRequest.SerializeToString,
             catalog_dot_v1_dot_catalog__pb2.BatchGetProductsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateProduct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catalog.v1.CatalogService/UpdateProduct',
+            catalog_dot_v1_dot_catalog__pb2.UpdateProductRequest.SerializeToString,
+            catalog_dot_v1_dot_catalog__pb2.Product.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordProductViews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/catalog.v1.CatalogService/RecordProductViews',
+            catalog_dot_v1_dot_catalog__pb2.RecordProductViewsRequest.SerializeToString,
+            catalog_dot_v1_dot_catalog__pb2.RecordProductViewsResponse.FromString,
             options,
             channel_credentials,
             insecure,

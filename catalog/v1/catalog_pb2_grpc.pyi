@@ -44,6 +44,15 @@ class CatalogServiceStub:
     """Products ordered by id, optionally filtered by category and/or brand."""
     BatchGetProducts: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.BatchGetProductsRequest, _catalog_pb2.BatchGetProductsResponse]
     """Up to 100 products in one call; one result per requested id, in request order."""
+    UpdateProduct: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.UpdateProductRequest, _catalog_pb2.Product]
+    """Changes the fields named in update_mask (AIP-134) and returns the product as stored. When
+    product.version is set it must equal the stored version, else ABORTED (optimistic
+    concurrency: re-read and retry). The next read on any replica sees the change.
+    """
+    RecordProductViews: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.RecordProductViewsRequest, _catalog_pb2.RecordProductViewsResponse]
+    """Counts one view per listed id. Counts are buffered in Redis and written to PostgreSQL in
+    batches (write-behind); the response only says how many were accepted.
+    """
 
 @_typing.type_check_only
 class CatalogServiceAsyncStub(CatalogServiceStub):
@@ -56,6 +65,15 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     """Products ordered by id, optionally filtered by category and/or brand."""
     BatchGetProducts: _aio.UnaryUnaryMultiCallable[_catalog_pb2.BatchGetProductsRequest, _catalog_pb2.BatchGetProductsResponse]  # type: ignore[assignment]
     """Up to 100 products in one call; one result per requested id, in request order."""
+    UpdateProduct: _aio.UnaryUnaryMultiCallable[_catalog_pb2.UpdateProductRequest, _catalog_pb2.Product]  # type: ignore[assignment]
+    """Changes the fields named in update_mask (AIP-134) and returns the product as stored. When
+    product.version is set it must equal the stored version, else ABORTED (optimistic
+    concurrency: re-read and retry). The next read on any replica sees the change.
+    """
+    RecordProductViews: _aio.UnaryUnaryMultiCallable[_catalog_pb2.RecordProductViewsRequest, _catalog_pb2.RecordProductViewsResponse]  # type: ignore[assignment]
+    """Counts one view per listed id. Counts are buffered in Redis and written to PostgreSQL in
+    batches (write-behind); the response only says how many were accepted.
+    """
 
 class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -83,5 +101,26 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.BatchGetProductsResponse, _abc.Awaitable[_catalog_pb2.BatchGetProductsResponse]]:
         """Up to 100 products in one call; one result per requested id, in request order."""
+
+    @_abc_1.abstractmethod
+    def UpdateProduct(
+        self,
+        request: _catalog_pb2.UpdateProductRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.Product, _abc.Awaitable[_catalog_pb2.Product]]:
+        """Changes the fields named in update_mask (AIP-134) and returns the product as stored. When
+        product.version is set it must equal the stored version, else ABORTED (optimistic
+        concurrency: re-read and retry). The next read on any replica sees the change.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordProductViews(
+        self,
+        request: _catalog_pb2.RecordProductViewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_catalog_pb2.RecordProductViewsResponse, _abc.Awaitable[_catalog_pb2.RecordProductViewsResponse]]:
+        """Counts one view per listed id. Counts are buffered in Redis and written to PostgreSQL in
+        batches (write-behind); the response only says how many were accepted.
+        """
 
 def add_CatalogServiceServicer_to_server(servicer: CatalogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
