@@ -195,7 +195,7 @@ class PostgresCluster:
             return
         # Backends are not in the postmaster's process group, so they are listed and killed
         # one by one; one forked in between exits by itself when it sees the postmaster die.
-        victims = [pid, *_children(pid)]
+        victims = [pid, *children(pid)]
         for victim in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
@@ -284,7 +284,7 @@ def _alive(pid: int) -> bool:
     return _stat(pid)[:1] not in ([], ["Z"])
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     procs = (int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit())
     return [child for child in procs if _stat(child)[1:2] == [str(pid)]]
 

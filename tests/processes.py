@@ -1,73 +1,9 @@
-"""Server processes for tests that need more than one process or real signals."""
+"""Server processes for tests that need more than one process or real signals.
+
+The helpers live in :mod:`service.serverprocess`, shared with the benchmark suite."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
-from dataclasses import dataclass, field
+from service.serverprocess import ServerProcess, settings_env
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from service.localservers import free_port, wait_for_port
-from service.settings import PREFIX, Settings
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The CATALOG_* variables that reproduce ``settings`` in a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
-    for name in Settings.__dataclass_fields__:
-        env[PREFIX + name.upper()] = str(getattr(settings, name))
-    return env
-
-
-@dataclass
-class ServerProcess:
-    """``python -m service serve`` on free ports, with its metrics endpoint."""
-
-    settings: Settings
-    port: int = field(default_factory=free_port)
-    metrics_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServerProcess:
-        settings = self.settings.replace(
-            grpc_address=f"127.0.0.1:{self.port}", metrics_port=self.metrics_port
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], env=settings_env(settings)
-        )
-        wait_for_port(self.port, timeout=30)
-        wait_for_port(self.metrics_port, timeout=30)
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and labels.items() <= sample.labels.items():
-                    total += sample.value
-        return total
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+__all__ = ["ServerProcess", "settings_env"]
