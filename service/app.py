@@ -114,7 +114,8 @@ async def start(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off unless several workers share the port: two servers must not share it by chance.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
     server.add_generic_rpc_handlers((generic_handler(api),))

@@ -40,13 +40,20 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="server processes sharing the port (default: CATALOG_WORKERS)",
+    )
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncio
+    from service.workers import serve
 
-    from service.app import run
-
-    asyncio.run(run(settings))
-    return 0
+    if args.workers is not None:
+        settings = settings.replace(workers=args.workers)
+    return serve(settings)
 
 
 def _healthcheck_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +100,7 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("serve", "run the gRPC service until SIGTERM/SIGINT", _serve),
+    Command("serve", "run the gRPC service until SIGTERM/SIGINT", _serve, _serve_arguments),
     Command(
         "healthcheck", "exit 0 if a server reports SERVING", _healthcheck, _healthcheck_arguments
     ),

@@ -89,6 +89,10 @@ class Settings:
     max_message_bytes: int = option(4 * 1024 * 1024, "max gRPC message size", lo=1024)
     shutdown_grace_s: float = option(10.0, "time in-flight RPCs get after SIGTERM", lo=0)
     shutdown_drain_s: float = option(0.0, "NOT_SERVING period before refusing RPCs", lo=0)
+    workers: int = option(
+        1, "server processes sharing the gRPC port (SO_REUSEPORT); only the first serves metrics",
+        lo=1, hi=64,
+    )  # fmt: skip
     log_level: str = option("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -115,6 +119,10 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}LEASE_WAIT_MS ({self.lease_wait_ms}) must not exceed "
                 f"{PREFIX}LEASE_TTL_MS ({self.lease_ttl_ms})"
+            )
+        if self.workers > 1 and port == "0":
+            raise SettingsError(
+                f"{PREFIX}WORKERS > 1 needs a fixed port in {PREFIX}GRPC_ADDRESS, not port 0"
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
