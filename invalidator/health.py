@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from invalidator import metrics
 from service.keys import Keys
+from service.tls import add_port
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,15 @@ class Health:
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
-    async def start(self, address: str) -> None:
-        """Serve on ``address`` (``host:0`` picks a port, see :attr:`port`); empty disables."""
+    async def start(self, address: str, credentials: grpc.ServerCredentials | None = None) -> None:
+        """Serve on ``address`` (``host:0`` picks a port, see :attr:`port`); empty disables.
+        With ``credentials`` (:func:`service.tls.server_credentials`) the port speaks TLS."""
         await self.set(False)
         if not address:
             return
         self.server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
-        self.port = self.server.add_insecure_port(address)
+        self.port = add_port(self.server, address, credentials)
         await self.server.start()
         log.info("health on %s", address)
 

@@ -23,6 +23,7 @@ from invalidator.settings import InvalidatorSettings
 from service.cache.store import CacheStore
 from service.metrics import start_metrics_server
 from service.settings import Settings
+from service.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
     clean = True
     try:
         start_metrics_server(settings.invalidator_metrics_port, base.metrics_address)
-        await health.start(settings.invalidator_health_address)
+        await health.start(settings.invalidator_health_address, server_credentials(base))
         async with asyncio.TaskGroup() as tasks:
             if settings.outbox_relay:
                 from service.db import create_engine

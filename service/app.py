@@ -32,6 +32,7 @@ from service.metrics import start_metrics_server
 from service.pagetokens import PageTokens
 from service.repository import Repository
 from service.settings import DEV_PAGE_TOKEN_SECRET, Settings
+from service.tls import add_port, server_credentials
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -101,6 +102,7 @@ async def start(
         log.warning(
             "CATALOG_PAGE_TOKEN_SECRET is the development default: page tokens are forgeable"
         )
+    credentials = server_credentials(settings)  # bad TLS files fail before any connection
     engine = create_engine(settings)
     redis = create_redis(settings)
     repo = repository(engine)
@@ -124,13 +126,18 @@ async def start(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.grpc_address)
+    port = add_port(server, settings.grpc_address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.grpc_address}")
     await _check_health(repo, health_servicer, settings)
     await server.start()
     monitor = asyncio.create_task(_monitor_health(repo, health_servicer, settings))
-    log.info("serving catalog.v1 on port %d (cache %s)", port, "on" if store else "off")
+    log.info(
+        "serving catalog.v1 on port %d (cache %s, %s)",
+        port,
+        "on" if store else "off",
+        "mTLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+    )
     return Service(settings, server, port, redis, engine, reader, health_servicer, monitor)
 
 

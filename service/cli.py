@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(settings, args)
+    except SettingsError as exc:  # found while starting, e.g. an unreadable TLS file
+        print(f"catalog: configuration error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if not is_connection_error(exc):
             raise

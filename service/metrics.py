@@ -17,6 +17,9 @@ LEASE_WAITS = Counter("catalog_lease_waits", "Reads that waited for another read
 FILL_REFUSED = Counter(
     "catalog_fill_refused", "Fills refused because their lease was voided or had expired"
 )
+REFRESHES = Counter(
+    "catalog_refreshes", "Background refreshes of stale or nearly expired entries", ["kind"]
+)
 REDIS_ERRORS = Counter("catalog_redis_errors", "Redis errors and timeouts seen by the read path")
 BREAKER_OPEN = Counter("catalog_breaker_opened", "Times the Redis circuit breaker opened")
 RPC_LATENCY = Histogram(

@@ -64,6 +64,7 @@ class LoadedProduct:
     category_id: str
     brand_id: str
     price_changes_at: datetime | None
+    version: int
 
 
 _Select = Select[*tuple[Any, ...]]
@@ -286,4 +287,5 @@ def _build(row: _Row) -> LoadedProduct:
         category_id=row.category_id,
         brand_id=row.brand_id,
         price_changes_at=row.price_changes_at,
+        version=row.version,
     )

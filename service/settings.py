@@ -53,6 +53,9 @@ class Settings:
     )
     redis_url: str = secret("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)")
     grpc_address: str = option("127.0.0.1:50051", "host:port the gRPC server listens on")
+    tls_cert_file: str = option("", "PEM certificate (chain) of the gRPC ports; empty = plaintext")
+    tls_key_file: str = option("", "PEM private key of TLS_CERT_FILE")
+    tls_client_ca_file: str = option("", "PEM CA; when set, client certificates are required")
     metrics_port: int = option(9464, "Prometheus metrics HTTP port; 0 disables", lo=0, hi=65535)
     metrics_address: str = option("127.0.0.1", "address the metrics HTTP server binds")
     key_namespace: str = option("catalog", "prefix of every Redis key (several catalogs per Redis)")
@@ -63,6 +66,18 @@ class Settings:
 
     product_ttl_s: float = option(300.0, "TTL of a cached product", lo=1, hi=7 * 86400)
     page_ttl_s: float = option(300.0, "TTL of a cached list page (ids only)", lo=1, hi=7 * 86400)
+    product_stale_s: float = option(
+        60.0, "a product past its TTL is served this long while one refresh runs; 0 disables"
+    )
+    page_stale_s: float = option(
+        60.0, "a list page past its TTL is served this long while one refresh runs; 0 disables"
+    )
+    product_xfetch_beta: float = option(
+        1.0, "probabilistic early refresh of products (XFetch beta); 0 disables", lo=0, hi=100
+    )
+    page_xfetch_beta: float = option(
+        1.0, "probabilistic early refresh of list pages (XFetch beta); 0 disables", lo=0, hi=100
+    )
     negative_ttl_s: float = option(30.0, "TTL of a 'no such product' entry", lo=0.1, hi=3600)
     ttl_jitter: float = option(0.1, "relative TTL jitter (0.1 = +-10%)", lo=0, hi=0.5)
     tag_ttl_margin_s: float = option(60.0, "how much longer a tag set lives than its members", lo=1)
@@ -110,6 +125,13 @@ class Settings:
         if not sep or not host or not port.isdigit():
             raise SettingsError(
                 f"{PREFIX}GRPC_ADDRESS must be host:port, got {self.grpc_address!r}"
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file) or (
+            self.tls_client_ca_file and not self.tls_cert_file
+        ):
+            raise SettingsError(
+                f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together, and "
+                f"{PREFIX}TLS_CLIENT_CA_FILE needs them"
             )
         if not self.key_namespace or any(c in self.key_namespace for c in "{}: "):
             raise SettingsError(

@@ -1,11 +1,13 @@
-"""The read paths: cache-aside over :class:`CacheStore` with leases, single-flight, a breaker and
-a PostgreSQL fallback. Values are serialized ``Product`` bytes, returned as they are.
+"""The read paths: cache-aside over :class:`CacheStore` with leases, single-flight,
+stale-while-revalidate, a breaker and a PostgreSQL fallback.
 
 Invariants:
 * a read never fails because of Redis: any Redis error or an open breaker serves from PostgreSQL;
 * a value is written only under a lease taken before its database read (no stale set);
 * a reader waits for another's fill at most ``lease_wait_ms``, then loads without caching;
-* one process sends one lease attempt per key at a time (single-flight).
+* one process sends one lease attempt per key at a time (single-flight);
+* an entry past its logical expiry (or picked by XFetch) is still served, and one background
+  refresh per key reloads it; an invalidated entry is gone, never served stale.
 """
 
 from __future__ import annotations
@@ -14,25 +16,22 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TypeVar
-
-from redis.exceptions import RedisError
 
 from service import metrics
-from service.cache import ttl
+from service.cache import entry
 from service.cache.breaker import CircuitBreaker
+from service.cache.loader import REDIS_FAILURES, Loader, Mode
 from service.cache.singleflight import SingleFlight
-from service.cache.store import CacheStore, FillItem
-from service.keys import NEGATIVE, Keys, Tag
-from service.repository import LoadedProduct, Repository
+from service.cache.store import CacheStore
+from service.keys import Keys
+from service.repository import Repository
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-REDIS_FAILURES = (RedisError, OSError)
+_H = entry.HEADER_LEN
+_FRESH, _LOAD = slice(21, 36), slice(36, 46)
 
 _HIT = {op: metrics.CACHE_REQUESTS.labels(op, "hit") for op in ("get", "batch", "list")}
 _MISS = {op: metrics.CACHE_REQUESTS.labels(op, "miss") for op in ("get", "batch", "list")}
@@ -66,51 +65,58 @@ class Reader:
         self.breaker = breaker or CircuitBreaker(
             settings.breaker_failures, settings.breaker_reset_s
         )
+        self.loader = (
+            Loader(store, repo, keys, settings, self._redis_failed) if store is not None else None
+        )
         self._products: SingleFlight[bytes | None] = SingleFlight()
         self._pages: SingleFlight[None] = SingleFlight()
+        self._refreshes: SingleFlight[None] = SingleFlight()
         self._rand = random.Random()
 
     # -- GetProduct ---------------------------------------------------------------------------
 
     async def get_product(self, product_id: str) -> bytes | None:
         """The product's bytes, or None when no product has this id."""
-        store = self.store
-        if store is not None and self.breaker.allow():
+        loader = self.loader
+        if loader is not None and self.breaker.allow():
             key = self.keys.product(product_id)
             try:
-                value = await store.get(key)
+                value = await loader.store.get(key)
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
                 self.breaker.success()
                 if value:
                     _HIT["get"].inc()
-                    return value
+                    self._refresh_product_if_due(product_id, key, value)
+                    return value[_H:]
                 if value is not None:
                     _NEG["get"].inc()
                     return None
                 _MISS["get"].inc()
-                return await self._products.do(key, lambda: self._fill_one(store, product_id))
+                return await self._products.do(key, lambda: self._fill_one(loader, product_id))
         _BYPASS["get"].inc()
-        return await self._load_one(product_id)
+        found = (await self.repo.get_products([product_id])).get(product_id)
+        return found.data if found else None
 
-    async def _fill_one(self, store: CacheStore, product_id: str) -> bytes | None:
-        key = self.keys.product(product_id)
-        tag = self.keys.tag(Tag.product(product_id))
+    async def _fill_one(self, loader: Loader, product_id: str) -> bytes | None:
         try:
-            acquired = await store.acquire([key], [[tag]])
+            acquired = await loader.acquire_products([product_id], "miss")
         except REDIS_FAILURES as exc:
             self._redis_failed(exc)
-            return await self._load_one(product_id)
-        outcome = acquired.outcomes[0]
+            acquired = None
+        outcome = acquired.outcomes[0] if acquired else False
         if isinstance(outcome, bytes):
-            return outcome or None
-        if not outcome:
+            return outcome[_H:] or None
+        if acquired is not None and not outcome:
             metrics.LEASE_WAITS.inc()
-            waited = await self._wait_for(store, key)
-            return (waited or None) if waited is not None else await self._load_one(product_id)
-        loaded = await self._load_leased(store, acquired.token, [key], [product_id])
-        await self._fill(store, acquired.token, acquired.generation, loaded, [product_id])
+            waited = await self._wait_for(loader.store, self.keys.product(product_id))
+            if waited is not None:
+                return waited[_H:] or None
+        if acquired is not None and outcome:
+            loaded = await loader.load_products(acquired, [product_id])
+        else:
+            loaded = await self.repo.get_products([product_id])
         found = loaded.get(product_id)
         return found.data if found else None
 
@@ -119,50 +125,57 @@ class Reader:
     async def batch_get(self, ids: Sequence[str]) -> list[bytes | None]:
         """One result per id, in order (None: unknown id). One MGET, then one query for misses."""
         unique = list(dict.fromkeys(ids))
-        store = self.store
-        if store is not None and self.breaker.allow():
+        loader = self.loader
+        if loader is not None and self.breaker.allow():
             try:
-                values = await store.mget([self.keys.product(i) for i in unique])
+                values = await loader.store.mget([self.keys.product(i) for i in unique])
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
                 self.breaker.success()
-                found = dict(zip(unique, values, strict=True))
-                misses = [i for i, v in found.items() if v is None]
+                found = self._cached_products(unique, values)
+                misses = [i for i in unique if i not in found]
                 _MISS["batch"].inc(len(misses))
                 _HIT["batch"].inc(len(unique) - len(misses))
                 if misses:
-                    found.update(await self._resolve_misses(store, misses))
-                return [found[i] or None for i in ids]
+                    found.update(await self._resolve_misses(loader, misses))
+                return [found[i] for i in ids]
         _BYPASS["batch"].inc(len(unique))
         loaded = await self.repo.get_products(unique)
         return [p.data if (p := loaded.get(i)) else None for i in ids]
 
-    async def _resolve_misses(self, store: CacheStore, ids: list[str]) -> dict[str, bytes | None]:
+    def _cached_products(
+        self, ids: Sequence[str], values: Sequence[bytes | None]
+    ) -> dict[str, bytes | None]:
+        """Payloads of the entries present (None for negative ones); schedules due refreshes."""
+        found: dict[str, bytes | None] = {}
+        for product_id, value in zip(ids, values, strict=True):
+            if value:
+                self._refresh_product_if_due(product_id, self.keys.product(product_id), value)
+                found[product_id] = value[_H:]
+            elif value is not None:
+                found[product_id] = None
+        return found
+
+    async def _resolve_misses(self, loader: Loader, ids: list[str]) -> dict[str, bytes | None]:
         """Load missing products in one query; fill those this call could lease."""
-        keys = [self.keys.product(i) for i in ids]
         try:
-            acquired = await store.acquire(keys, [[self.keys.tag(Tag.product(i))] for i in ids])
+            acquired = await loader.acquire_products(ids, "miss")
         except REDIS_FAILURES as exc:
             self._redis_failed(exc)
             loaded = await self.repo.get_products(ids)
             return {i: p.data if (p := loaded.get(i)) else None for i in ids}
         out: dict[str, bytes | None] = {}
         leased: list[str] = []
-        to_load: list[str] = []
+        held: list[str] = []
         for product_id, outcome in zip(ids, acquired.outcomes, strict=True):
             if isinstance(outcome, bytes):
-                out[product_id] = outcome
+                out[product_id] = outcome[_H:] or None
             else:
-                to_load.append(product_id)
-                if outcome:
-                    leased.append(product_id)
-        if to_load:
-            leased_keys = [self.keys.product(i) for i in leased]
-            loaded = await self._load_leased(store, acquired.token, leased_keys, to_load)
-            if leased:
-                await self._fill(store, acquired.token, acquired.generation, loaded, leased)
-            for product_id in to_load:
+                (leased if outcome else held).append(product_id)
+        if leased or held:
+            loaded = await loader.load_products(acquired, leased, held)
+            for product_id in (*leased, *held):
                 p = loaded.get(product_id)
                 out[product_id] = p.data if p else None
         return out
@@ -173,28 +186,42 @@ class Reader:
         self, category_id: str, brand_id: str, after_id: str, page_size: int
     ) -> Page:
         """A page of products ordered by id; "" filters mean any."""
-        store = self.store
-        if store is not None and self.breaker.allow():
+        loader = self.loader
+        if loader is not None and self.breaker.allow():
             page_key = self.keys.page(category_id, brand_id, after_id, page_size)
+
+            def fill(mode: Mode) -> Callable[[], Awaitable[None]]:
+                async def run() -> None:
+                    got = await loader.fill_page(
+                        page_key,
+                        category_id,
+                        brand_id,
+                        after_id,
+                        page_size,
+                        mode,
+                    )
+                    if got is False and mode == "miss":
+                        metrics.LEASE_WAITS.inc()
+                        await self._wait_for(loader.store, page_key)
+
+                return run
+
             try:
-                reply = await store.assemble_page(page_key)
+                reply = await loader.store.assemble_page(page_key)
                 if reply is None:
                     _MISS["list"].inc()
-                    await self._pages.do(
-                        page_key,
-                        lambda: self._fill_page(
-                            store, page_key, category_id, brand_id, after_id, page_size
-                        ),
-                    )
-                    reply = await store.assemble_page(page_key)
+                    await self._pages.do(page_key, fill("miss"))
+                    reply = await loader.store.assemble_page(page_key)
                 else:
                     _HIT["list"].inc()
+                    if self._due(reply[0] or b"", self.settings.page_xfetch_beta):
+                        self._refreshes.launch(page_key, self._quietly(fill("refresh")))
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
                 self.breaker.success()
                 if reply is not None:
-                    return await self._complete_page(store, reply)
+                    return await self._complete_page(loader, reply)
         else:
             _BYPASS["list"].inc()
         rows = await self.repo.list_page(
@@ -203,117 +230,41 @@ class Reader:
         next_after = rows[page_size - 1].id if len(rows) > page_size else ""
         return Page([p.data for p in rows[:page_size]], next_after)
 
-    async def _fill_page(
-        self,
-        store: CacheStore,
-        page_key: str,
-        category_id: str,
-        brand_id: str,
-        after_id: str,
-        page_size: int,
-    ) -> None:
-        """Make the page entry exist, or give up (the caller then reads PostgreSQL)."""
-        tags = [self.keys.tag(t) for t in _page_tags(category_id, brand_id)]
-        acquired = await store.acquire([page_key], [tags])
-        outcome = acquired.outcomes[0]
-        if isinstance(outcome, bytes):
-            return
-        if not outcome:
-            metrics.LEASE_WAITS.inc()
-            await self._wait_for(store, page_key)
-            return
-        ids = await self._load_leased_ids(
-            store, acquired.token, page_key, category_id, brand_id, after_id, page_size
-        )
-        next_after = ids[page_size - 1] if len(ids) > page_size else ""
-        entry = (next_after + "\n" + ",".join(ids[:page_size])).encode()
-        item = FillItem(page_key, entry, self._ttl(self.settings.page_ttl_s), tags)
-        if not (await store.fill(acquired.token, acquired.generation, [item]))[0]:
-            metrics.FILL_REFUSED.inc()
-
-    async def _load_leased_ids(
-        self,
-        store: CacheStore,
-        token: str,
-        page_key: str,
-        category_id: str,
-        brand_id: str,
-        after_id: str,
-        page_size: int,
-    ) -> list[str]:
-        return await self._releasing(
-            store,
-            token,
-            [page_key],
-            self.repo.list_page_ids(category_id or None, brand_id or None, after_id, page_size + 1),
-        )
-
-    async def _complete_page(self, store: CacheStore, reply: list[bytes | None]) -> Page:
-        head, _, id_list = (reply[0] or b"").partition(b"\n")
-        values = reply[1:]
-        if None in values:
-            ids = id_list.decode().split(",")
-            missing = [ids[n] for n, v in enumerate(values) if v is None]
-            loaded = await self._resolve_misses(store, missing)
-            values = [v if v is not None else loaded[ids[n]] for n, v in enumerate(values)]
+    async def _complete_page(self, loader: Loader, reply: list[bytes | None]) -> Page:
+        head, _, id_list = (reply[0] or b"")[_H:].partition(b"\n")
+        ids = id_list.decode().split(",") if id_list else []
+        found = self._cached_products(ids, reply[1:])
+        missing = [i for i in ids if i not in found]
+        if missing:
+            found.update(await self._resolve_misses(loader, missing))
         # A product deleted after the page was cached is skipped; its event voids the page.
-        return Page([v for v in values if v], head.decode())
+        return Page([p for i in ids if (p := found[i])], head.decode())
 
     # -- shared pieces ------------------------------------------------------------------------
 
-    async def _load_one(self, product_id: str) -> bytes | None:
-        found = (await self.repo.get_products([product_id])).get(product_id)
-        return found.data if found else None
+    def _due(self, value: bytes, beta: float) -> bool:
+        fresh_until = int(value[_FRESH])
+        return entry.should_refresh(
+            time.time() * 1000.0, fresh_until, int(value[_LOAD]), beta, self._rand
+        )
 
-    async def _load_leased(
-        self, store: CacheStore, token: str, leased_keys: list[str], ids: list[str]
-    ) -> dict[str, LoadedProduct]:
-        return await self._releasing(store, token, leased_keys, self.repo.get_products(ids))
+    def _refresh_product_if_due(self, product_id: str, key: str, value: bytes) -> None:
+        if self._due(value, self.settings.product_xfetch_beta) and self.loader is not None:
+            loader = self.loader
+            self._refreshes.launch(key, self._quietly(lambda: loader.refresh_product(product_id)))
 
-    async def _releasing(
-        self, store: CacheStore, token: str, leased_keys: list[str], load: Awaitable[T]
-    ) -> T:
-        """Await a database load; if it fails, release our leases so waiters stop waiting."""
-        try:
-            return await load
-        except BaseException:
+    def _quietly(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """A background refresh: its failure is logged and counted, never raised to a reader."""
+
+        async def run() -> None:
             try:
-                await store.release(token, leased_keys)
+                await fn()
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
-            raise
+            except Exception as exc:
+                log.warning("background refresh failed: %s", type(exc).__name__)
 
-    async def _fill(
-        self,
-        store: CacheStore,
-        token: str,
-        generation: bytes,
-        loaded: dict[str, LoadedProduct],
-        leased: list[str],
-    ) -> None:
-        now = datetime.now(UTC)
-        items = [self._product_item(i, loaded.get(i), now) for i in leased]
-        try:
-            written = await store.fill(token, generation, items)
-        except REDIS_FAILURES as exc:
-            self._redis_failed(exc)
-            return
-        refused = written.count(False)
-        if refused:
-            metrics.FILL_REFUSED.inc(refused)
-
-    def _product_item(self, product_id: str, p: LoadedProduct | None, now: datetime) -> FillItem:
-        key = self.keys.product(product_id)
-        tag = self.keys.tag(Tag.product(product_id))
-        if p is None:
-            return FillItem(key, NEGATIVE, self._ttl(self.settings.negative_ttl_s), [tag])
-        cat, brand = Tag.category(p.category_id), Tag.brand(p.brand_id)
-        tags = [tag, self.keys.tag(cat), self.keys.tag(brand)]
-        ttl_ms = ttl.capped_ms(self._ttl(self.settings.product_ttl_s), p.price_changes_at, now)
-        return FillItem(key, p.data, ttl_ms, tags)
-
-    def _ttl(self, seconds: float) -> int:
-        return ttl.jittered_ms(seconds, self.settings.ttl_jitter, self._rand)
+        return run
 
     async def _wait_for(self, store: CacheStore, key: str) -> bytes | None:
         """Poll for another reader's fill, at most lease_wait_ms; None if it did not come."""
@@ -336,12 +287,3 @@ class Reader:
         self.breaker.failure()
         if self.breaker.is_open and not was_open:
             log.warning("Redis failing (%s); serving from PostgreSQL for now", type(exc).__name__)
-
-
-def _page_tags(category_id: str, brand_id: str) -> list[Tag]:
-    tags = []
-    if category_id:
-        tags.append(Tag.list_category(category_id))
-    if brand_id:
-        tags.append(Tag.list_brand(brand_id))
-    return tags or [Tag.list_all()]

@@ -18,46 +18,70 @@ run per slot; see docs/architecture.md.
 from __future__ import annotations
 
 # KEYS: gen, then per entry: value, lease, then `ntags` tag sets
-# ARGV: token, lease_ttl_ms, tag_min_ttl_ms, ntags
-# Returns {gen, r1, r2, ...}: r = the value (bytes) when present, 1 when this call took the
-# lease, 0 when another reader holds it.
+# ARGV: token, lease_ttl_ms, tag_min_ttl_ms, ntags, mode
+#   mode 'miss':    take the lease only if the value is absent and nobody holds the lease
+#   mode 'refresh': take the lease if nobody holds it, value or not (stale-while-revalidate)
+#   mode 'force':   take the lease whatever holds it (write-through: voids fills in flight)
+# Returns {gen, r1, r2, ...}: r = the value (bytes) when present in 'miss' mode, 1 when this call
+# took the lease, 0 when another reader holds it.
 ACQUIRE = """
 local token, lease_ttl, tag_ttl, ntags = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local mode = ARGV[5]
 local out = {redis.call('GET', KEYS[1]) or '0'}
 local i = 2
 while i <= #KEYS do
-  local value = redis.call('GET', KEYS[i])
+  local value = mode == 'miss' and redis.call('GET', KEYS[i])
+  local took
   if value then
     out[#out + 1] = value
-  elseif redis.call('SET', KEYS[i + 1], token, 'NX', 'PX', lease_ttl) then
-    for t = i + 2, i + 1 + ntags do
-      redis.call('SADD', KEYS[t], KEYS[i])
-      if redis.call('PTTL', KEYS[t]) < tag_ttl then redis.call('PEXPIRE', KEYS[t], tag_ttl) end
-    end
-    out[#out + 1] = 1
   else
-    out[#out + 1] = 0
+    if mode == 'force' then
+      took = redis.call('SET', KEYS[i + 1], token, 'PX', lease_ttl)
+    else
+      took = redis.call('SET', KEYS[i + 1], token, 'NX', 'PX', lease_ttl)
+    end
+    if took then
+      for t = i + 2, i + 1 + ntags do
+        redis.call('SADD', KEYS[t], KEYS[i])
+        if redis.call('PTTL', KEYS[t]) < tag_ttl then redis.call('PEXPIRE', KEYS[t], tag_ttl) end
+      end
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
   end
   i = i + 2 + ntags
 end
 return out
 """
 
+# Version of a cached entry (see service/cache/entry.py): 0 for pages and negative entries.
+_VERSION_OF = """
+local function version_of(v)
+  if v and string.sub(v, 1, 1) == 'E' then return tonumber(string.sub(v, 2, 21)) end
+  return 0
+end
+"""
+
 # KEYS: gen, then per entry: value, lease, then its tag sets
-# ARGV: token, gen_seen, tag_margin_ms, then per entry: ntags, ttl_ms, data
-# Returns {ok1, ok2, ...}: 1 written, 0 refused (lease voided/expired/foreign, or generation moved).
-# A lease still ours is released either way, so waiters need not wait for it to expire.
-FILL = """
+# ARGV: token, gen_seen, tag_margin_ms, then per entry: ntags, ttl_ms, version, data
+# Returns {ok1, ok2, ...}: 1 written, 0 refused: lease voided/expired/foreign, generation moved,
+# or the entry already cached is newer. A lease still ours is released either way, so waiters
+# need not wait for it to expire.
+FILL = (
+    _VERSION_OF
+    + """
 local token, margin = ARGV[1], tonumber(ARGV[3])
 local gen_ok = (redis.call('GET', KEYS[1]) or '0') == ARGV[2]
 local out = {}
 local k, a = 2, 4
 while a <= #ARGV do
-  local ntags, ttl, data = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local ntags, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local version, data = tonumber(ARGV[a + 2]), ARGV[a + 3]
   local value, lease = KEYS[k], KEYS[k + 1]
   local own = redis.call('GET', lease) == token
   if own then redis.call('DEL', lease) end
-  if own and gen_ok then
+  if own and gen_ok and version_of(redis.call('GET', value)) <= version then
     redis.call('SET', value, data, 'PX', ttl)
     for t = k + 2, k + 1 + ntags do
       redis.call('SADD', KEYS[t], value)
@@ -69,10 +93,11 @@ while a <= #ARGV do
   else
     out[#out + 1] = 0
   end
-  k, a = k + 2 + ntags, a + 3
+  k, a = k + 2 + ntags, a + 4
 end
 return out
 """
+)
 
 # KEYS: leases to release.  ARGV: token.  Deletes only leases still holding the token.
 RELEASE = """
@@ -83,28 +108,46 @@ end
 return n
 """
 
-# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix.
+# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix, then one minimum
+# version per tag: 0 deletes every member; v > 0 keeps a member already cached at version >= v
+# (a write-through that got there first) and deletes the rest. Leases are always deleted.
 # Returns the number of value keys and leases deleted.
-INVALIDATE = """
+INVALIDATE = (
+    _VERSION_OF
+    + """
 local n = 0
 for i = 2, #KEYS do
   local members = redis.call('SMEMBERS', KEYS[i])
+  local min_version = tonumber(ARGV[i + 1]) or 0
+  local kept = {}
   for j = 1, #members do
-    n = n + redis.call('DEL', members[j], members[j] .. ARGV[2])
+    local m = members[j]
+    if min_version > 0 and version_of(redis.call('GET', m)) >= min_version then
+      kept[#kept + 1] = m
+      n = n + redis.call('DEL', m .. ARGV[2])
+    else
+      n = n + redis.call('DEL', m, m .. ARGV[2])
+    end
   end
+  local ttl = redis.call('PTTL', KEYS[i])
   redis.call('DEL', KEYS[i])
+  if #kept > 0 then
+    redis.call('SADD', KEYS[i], unpack(kept))
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
 end
 if ARGV[1] == '1' then redis.call('INCR', KEYS[1]) end
 return n
 """
+)
 
-# KEYS: page key.  ARGV: product key prefix, product key suffix.
-# A page entry is "<next_token>\n<id>,<id>,...". Returns false on a miss, else
+# KEYS: page key.  ARGV: product key prefix, product key suffix, entry header length.
+# A page entry's payload is "<next_after_id>\n<id>,<id>,...". Returns false on a miss, else
 # {page, product1 or false, product2 or false, ...} in page order.
 ASSEMBLE_PAGE = """
 local page = redis.call('GET', KEYS[1])
 if not page then return false end
-local nl = string.find(page, '\\n', 1, true)
+local nl = string.find(page, '\\n', tonumber(ARGV[3]) + 1, true)
 local keys = {}
 for id in string.gmatch(string.sub(page, nl + 1), '[^,]+') do
   keys[#keys + 1] = ARGV[1] .. id .. ARGV[2]

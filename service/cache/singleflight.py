@@ -35,3 +35,10 @@ class SingleFlight(Generic[T]):
             del self._tasks[key]
         if not task.cancelled():
             task.exception()  # retrieved: no "never retrieved" warning when all callers left
+
+    def launch(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> None:
+        """Start ``fn`` in the background unless a call for ``key`` is already running."""
+        if key not in self._tasks:
+            task = asyncio.ensure_future(fn())
+            self._tasks[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))

@@ -9,13 +9,13 @@ stale data behind.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 
-from service.cache import scripts
+from service.cache import entry, scripts
 from service.keys import LEASE_SUFFIX, Keys, Tag
 
 # ACQUIRE's per-entry outcome: the value already cached, or whether this call got the lease.
@@ -39,6 +39,7 @@ class FillItem:
     data: bytes
     ttl_ms: int
     tags: Sequence[str]
+    version: int = 0
 
 
 class CacheStore:
@@ -54,7 +55,7 @@ class CacheStore:
         self._release = redis.register_script(scripts.RELEASE)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
         self._assemble_page = redis.register_script(scripts.ASSEMBLE_PAGE)
-        self._product_parts = list(keys.product_key_parts)
+        self._page_args: list[str | int] = [*keys.product_key_parts, entry.HEADER_LEN]
 
     async def get(self, key: str) -> bytes | None:
         return cast(bytes | None, await self.redis.get(key))
@@ -62,8 +63,13 @@ class CacheStore:
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         return cast(list[bytes | None], await self.redis.mget(keys))
 
-    async def acquire(self, keys: Sequence[str], tags: Sequence[Sequence[str]]) -> Acquired:
-        """Take a lease on each key that is absent and unleased; register it in its tags.
+    async def acquire(
+        self,
+        keys: Sequence[str],
+        tags: Sequence[Sequence[str]],
+        mode: Literal["miss", "refresh", "force"] = "miss",
+    ) -> Acquired:
+        """Take a lease per key and register the key in its tags (see ACQUIRE for ``mode``).
 
         Every entry must have the same number of tags (ACQUIRE reads them as fixed groups).
         """
@@ -77,7 +83,7 @@ class CacheStore:
         # The tag set must outlive the lease so the invalidation can still find the key.
         tag_ttl = self.lease_ttl_ms + self.tag_margin_ms
         reply = await self._acquire(
-            keys=script_keys, args=[token, self.lease_ttl_ms, tag_ttl, ntags]
+            keys=script_keys, args=[token, self.lease_ttl_ms, tag_ttl, ntags, mode]
         )
         outcomes: list[Outcome] = [r if isinstance(r, bytes) else r == 1 for r in reply[1:]]
         return Acquired(token, reply[0], outcomes)
@@ -88,7 +94,7 @@ class CacheStore:
         args: list[Any] = [token, generation, self.tag_margin_ms]
         for item in items:
             script_keys += (item.key, item.key + LEASE_SUFFIX, *item.tags)
-            args += (len(item.tags), item.ttl_ms, item.data)
+            args += (len(item.tags), item.ttl_ms, item.version, item.data)
         reply = await self._fill(keys=script_keys, args=args)
         return [r == 1 for r in reply]
 
@@ -99,24 +105,30 @@ class CacheStore:
         n: int = await self._release(keys=[k + LEASE_SUFFIX for k in keys], args=[token])
         return n
 
-    async def invalidate(self, tags: Iterable[Tag]) -> int:
+    async def invalidate(
+        self, tags: Iterable[Tag], min_versions: Mapping[Tag, int] | None = None
+    ) -> int:
         """Delete every key depending on ``tags`` and void their leases, atomically.
 
         Renames (category or brand tags) also bump the name generation, which refuses fills whose
         lease predates them: those fills read the old name and are not yet in any category or
-        brand tag set. Returns the number of keys (values and leases) deleted.
+        brand tag set. ``min_versions`` (from events that carry the product's new version) keeps
+        an entry already cached at that version or newer: a write-through that arrived first.
+        Returns the number of keys (values and leases) deleted.
         """
         tag_list = list(tags)
         if not tag_list:
             return 0
         bump = "1" if any(t.embeds_name for t in tag_list) else "0"
         script_keys = [self.keys.generation, *(self.keys.tag(t) for t in tag_list)]
-        n: int = await self._invalidate(keys=script_keys, args=[bump, LEASE_SUFFIX])
+        versions = min_versions or {}
+        args: list[str | int] = [bump, LEASE_SUFFIX, *(versions.get(t, 0) for t in tag_list)]
+        n: int = await self._invalidate(keys=script_keys, args=args)
         return n
 
     async def assemble_page(self, page_key: str) -> list[bytes | None] | None:
         """One round trip for a list page: None on a miss, else [page, product, ...]."""
         reply: list[bytes | None] | None = await self._assemble_page(
-            keys=[page_key], args=self._product_parts
+            keys=[page_key], args=self._page_args
         )
         return reply

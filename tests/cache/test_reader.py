@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from service.app import create_store, start
+from service.cache import entry
 from service.cache.reader import Reader
 from service.cache.store import Acquired, FillItem
 from service.db import create_engine, libpq_url
@@ -97,7 +98,9 @@ async def test_stale_fill_after_invalidation_is_refused(
     fresh = Reader(store, Repository(engine_for), Keys(writable.key_namespace), writable)
     assert pb.Product.FromString(await fresh.get_product(PID) or b"").name == "renamed"
     cached = await store.get(Keys(writable.key_namespace).product(PID))
-    assert pb.Product.FromString(cached or b"").name == "renamed", "cache ends equal to the DB"
+    assert pb.Product.FromString(entry.payload(cached or b"")).name == "renamed", (
+        "cache ends equal to the DB"
+    )
 
 
 def schedules(rng: random.Random) -> list[tuple[bool, list[int]]]:
@@ -141,9 +144,9 @@ async def test_interleavings_never_leave_a_stale_entry(
                 acquired, row = leases[me], rows[me]
                 if acquired.outcomes == [True]:
                     cat, brand = Tag.category(row.category_id), Tag.brand(row.brand_id)
-                    item = FillItem(
-                        key, row.data, 60_000, [product_tag, keys.tag(cat), keys.tag(brand)]
-                    )
+                    data = entry.pack(row.data, row.version, 0, 0)
+                    tags = [product_tag, keys.tag(cat), keys.tag(brand)]
+                    item = FillItem(key, data, 60_000, tags, row.version)
                     await store.fill(acquired.token, acquired.generation, [item])
 
             return [lease, read, fill]
@@ -177,7 +180,7 @@ async def test_interleavings_never_leave_a_stale_entry(
 
         cached = await store.get(key)
         if cached:
-            product = pb.Product.FromString(cached)
+            product = pb.Product.FromString(entry.payload(cached))
             assert (product.name, product.category.name) == db_product(url, PID), (
                 f"round {round_no}"
             )

@@ -1,0 +1,64 @@
+"""The format of a cached value: a fixed-width ASCII header, then the payload.
+
+``E<version:20><fresh_until_ms:15><load_ms:10><payload>``
+
+* ``version``: the product's version (0 for pages): fills and write-throughs never replace a
+  newer version, and a versioned invalidation keeps an entry already at or past its version.
+  Lua reads it with ``tonumber(string.sub(v, 2, 21))``.
+* ``fresh_until_ms``: the logical expiry (stale-while-revalidate); the physical TTL is longer.
+* ``load_ms``: how long the database load took (the delta of probabilistic early refresh).
+
+The empty string is a negative entry (no such product). Decimal text keeps the scripts simple and
+an entry readable in ``redis-cli``; the 46 bytes cost nothing next to a product.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import NamedTuple
+
+MARK = b"E"
+HEADER_LEN = 46
+_VERSION = slice(1, 21)
+_FRESH = slice(21, 36)
+_LOAD = slice(36, 46)
+
+
+class Header(NamedTuple):
+    version: int
+    fresh_until_ms: int
+    load_ms: int
+
+
+def pack(payload: bytes, version: int, fresh_until_ms: int, load_ms: int) -> bytes:
+    return b"E%020d%015d%010d" % (version, fresh_until_ms, min(load_ms, 9_999_999_999)) + payload
+
+
+def header(raw: bytes) -> Header:
+    return Header(int(raw[_VERSION]), int(raw[_FRESH]), int(raw[_LOAD]))
+
+
+def payload(raw: bytes) -> bytes:
+    return raw[HEADER_LEN:]
+
+
+def fresh_until_ms(raw: bytes) -> int:
+    return int(raw[_FRESH])
+
+
+def should_refresh(
+    now_ms: float, fresh_until: int, load_ms: int, beta: float, rand: random.Random
+) -> bool:
+    """Stale (past its logical expiry), or chosen for early refresh by XFetch.
+
+    XFetch (Vattani et al., VLDB 2015): refresh when ``now - delta * beta * ln(U) >= expiry``
+    with U uniform in (0, 1]. The probability rises as expiry nears and with the cost of a load
+    (delta), so a hot, expensive key is usually refreshed once, shortly before it expires.
+    ``beta`` 0 disables early refresh (only stale entries refresh).
+    """
+    if now_ms >= fresh_until:
+        return True
+    if beta <= 0.0:
+        return False
+    return now_ms - load_ms * beta * math.log(1.0 - rand.random()) >= fresh_until
