@@ -99,6 +99,30 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 1 when any cached entry is stale (docs/operations.md), 0 when none is."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from service.db import create_engine
+    from service.keys import Keys
+    from service.verify import render, verify
+
+    async def go() -> int:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        engine = create_engine(settings)
+        try:
+            report = await verify(redis, engine, Keys(settings.key_namespace))
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+        print(render(report, settings.key_namespace))
+        return 1 if report.stale else 0
+
+    return asyncio.run(go())
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "run the gRPC service until SIGTERM/SIGINT", _serve, _serve_arguments),
     Command(
@@ -106,6 +130,9 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("migrate", "apply database migrations up to the newest revision", _migrate),
     Command("seed", "load deterministic demo data", _seed, _seed_arguments),
+    Command(
+        "verify", "compare every cached entry with PostgreSQL; exit 1 if any is stale", _verify
+    ),
 )
 
 

@@ -62,9 +62,26 @@ class Tag:
         return Tag("list:all")
 
     @property
+    def list_filter(self) -> tuple[str, str] | None:
+        """(category, brand) of the list pages this tag tracks ("" = not filtered on it); None
+        for tags of product entries. A page filtered on both is in one tag of each kind."""
+        kind, _, value = self.name.partition(":")
+        if kind != "list":
+            return None
+        if value == "all":
+            return "", ""
+        field, _, target = value.partition(":")
+        return (target, "") if field == "category" else ("", target)
+
+    @property
     def embeds_name(self) -> bool:
         """True for tags whose invalidation must also bump the generation (DESIGN 5.2)."""
         return self.name.startswith(("category:", "brand:"))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob (a namespace may contain ``*?[]\\``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class Keys:
@@ -95,6 +112,32 @@ class Keys:
 
     def product(self, product_id: str) -> str:
         return self._product + "{" + product_id + "}"
+
+    def product_id(self, key: str) -> str | None:
+        """The id of a product entry key; None for any other key (leases included)."""
+        if key.startswith(self._product + "{") and key.endswith("}"):
+            return key[len(self._product) + 1 : -1]
+        return None
+
+    @property
+    def product_pattern(self) -> str:
+        """SCAN MATCH pattern of product entries (their leases match too: filter them out)."""
+        return _glob_escape(self._product) + "{*}*"
+
+    @property
+    def page_pattern(self) -> str:
+        """SCAN MATCH pattern of list pages (their leases match too: filter them out)."""
+        return _glob_escape(self._prefix) + "l:{*}*"
+
+    @property
+    def list_tag_pattern(self) -> str:
+        """SCAN MATCH pattern of the tag sets that track list pages."""
+        return _glob_escape(self.tag(Tag("list:"))) + "*"
+
+    def tag_of(self, tag_key: str) -> Tag | None:
+        """The tag a tag-set key stands for; None for any other key."""
+        start = self._prefix + "t:"
+        return Tag(tag_key[len(start) :]) if tag_key.startswith(start) else None
 
     @property
     def product_key_parts(self) -> tuple[str, str]:

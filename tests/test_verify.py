@@ -1,0 +1,88 @@
+"""``catalog verify``: a cache the service filled is clean; entries planted stale are reported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from catalog.v1 import catalog_pb2 as pb
+from service.keys import NEGATIVE, Keys
+from service.settings import Settings
+from service.verify import payload, verify
+from tests.processes import settings_env
+
+if TYPE_CHECKING:
+    from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
+
+
+async def _fill(stub: Stub) -> None:
+    """Products, a negative entry and two pages of two filters, as callers would cache them."""
+    for pid in ("p0000001", "p0000002", "p0000003"):
+        await stub.GetProduct(pb.GetProductRequest(id=pid))
+    await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=["p0000004", "nope"]))
+    first = await stub.ListProducts(pb.ListProductsRequest(page_size=7))
+    await stub.ListProducts(pb.ListProductsRequest(page_size=7, page_token=first.next_page_token))
+    category = first.products[0].category.id
+    await stub.ListProducts(pb.ListProductsRequest(page_size=3, category_id=category))
+
+
+def _run_cli(settings: Settings) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", "verify"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_a_cache_filled_by_the_service_has_no_stale_entry(
+    settings: Settings, stub: Stub, redis_client: Redis, engine: AsyncEngine
+) -> None:
+    await _fill(stub)
+    report = await verify(redis_client, engine, Keys(settings.key_namespace))
+    assert report.stale == []
+    assert report.unverified == []
+    assert report.products >= 5  # pages cache their products too
+    assert (report.negatives, report.pages) == (1, 3)
+    done = _run_cli(settings)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stale: 0" in done.stdout
+
+
+async def test_planted_stale_entries_are_reported_with_their_ids(
+    settings: Settings, stub: Stub, redis_client: Redis, engine: AsyncEngine
+) -> None:
+    await _fill(stub)
+    keys = Keys(settings.key_namespace)
+    # A product entry with an old name (kept under its current TTL).
+    key = keys.product("p0000002")
+    raw = await redis_client.get(key)
+    assert raw
+    old = pb.Product.FromString(payload(raw))
+    old.name = "Name before an update whose event was lost"
+    await redis_client.set(key, raw[: len(raw) - len(payload(raw))] + old.SerializeToString())
+    # A negative entry for a product that exists.
+    await redis_client.set(keys.product("p0000005"), NEGATIVE, px=60_000)
+    # A page missing one of its products.
+    page_key = keys.page("", "", "", 7)
+    page = await redis_client.get(page_key)
+    assert page
+    await redis_client.set(page_key, page.replace(b"p0000003,", b""), keepttl=True)
+
+    report = await verify(redis_client, engine, Keys(settings.key_namespace))
+    found = sorted((s.kind, s.what) for s in report.stale)
+    assert found == [
+        ("negative", "p0000005"),
+        ("page", "category=* brand=* after='' size=7"),
+        ("product", "p0000002"),
+    ]
+    done = _run_cli(settings)
+    assert done.returncode == 1
+    assert "stale: 3" in done.stdout
+    assert "p0000002" in done.stdout and "p0000005" in done.stdout
