@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -62,7 +62,7 @@ async def test_planted_stale_entries_are_reported_with_their_ids(
     keys = Keys(settings.key_namespace)
     # A product entry with an old name (kept under its current TTL).
     key = keys.product("p0000002")
-    raw = await redis_client.get(key)
+    raw = cast(bytes, await redis_client.get(key))
     assert raw
     old = pb.Product.FromString(payload(raw))
     old.name = "Name before an update whose event was lost"
@@ -71,7 +71,7 @@ async def test_planted_stale_entries_are_reported_with_their_ids(
     await redis_client.set(keys.product("p0000005"), NEGATIVE, px=60_000)
     # A page missing one of its products.
     page_key = keys.page("", "", "", 7)
-    page = await redis_client.get(page_key)
+    page = cast(bytes, await redis_client.get(page_key))
     assert page
     await redis_client.set(page_key, page.replace(b"p0000003,", b""), keepttl=True)
 
