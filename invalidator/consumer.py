@@ -32,10 +32,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from invalidator import metrics
 from invalidator.deadletter import dead_letter_fields
-from invalidator.events import Event, ParseError, RawFields, parse, tags_for
+from invalidator.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
 from invalidator.settings import InvalidatorSettings
 from service.cache.store import CacheStore
-from service.keys import Keys, Tag
+from service.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,9 @@ class Consumer:
                 metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def invalidate(self, tags: set[Tag]) -> int:
+    async def invalidate(self, invalidation: Invalidation) -> int:
         """The one place keys are deleted (a seam for tests that need a slow batch)."""
-        n = await self.store.invalidate(tags)
+        n = await self.store.invalidate(invalidation.tags, invalidation.min_versions)
         metrics.KEYS_DELETED.inc(n)
         return n
 
@@ -277,7 +277,7 @@ class Consumer:
         if not good:
             return []
         try:
-            await self.invalidate(set().union(*(tags_for(event) for _, event in good)))
+            await self.invalidate(invalidation_for(event for _, event in good))
             return [entry_id for entry_id, _ in good]
         except ResponseError as exc:
             if len(good) == 1:
@@ -286,7 +286,7 @@ class Consumer:
         done = []
         for entry_id, event in good:
             try:
-                await self.invalidate(tags_for(event))
+                await self.invalidate(invalidation_for([event]))
                 done.append(entry_id)
             except ResponseError as exc:
                 self._count_failed(entry_id, exc)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -199,3 +199,28 @@ def tags_for(event: Event) -> set[Tag]:
     if kind == BRAND_UPDATED:
         return {Tag.brand(event.brand_id)}
     raise ParseError(f"unknown event type {kind!r}")  # unreachable for parsed events
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """What a batch of events voids. ``min_versions``: for a product tag named only by
+    ``product.updated`` events that carry a version, an entry already cached at that version or
+    newer is kept (a write-through got there first); every other tag is voided outright."""
+
+    tags: frozenset[Tag]
+    min_versions: dict[Tag, int]
+
+
+def invalidation_for(events: Iterable[Event]) -> Invalidation:
+    tags: set[Tag] = set()
+    versions: dict[Tag, int] = {}
+    outright: set[Tag] = set()
+    for event in events:
+        voided = tags_for(event)
+        tags |= voided
+        if event.type == PRODUCT_UPDATED and event.version > 0:
+            product = Tag.product(event.product_id)
+            versions[product] = max(versions.get(product, 0), event.version)
+            voided = voided - {product}
+        outright |= voided
+    return Invalidation(frozenset(tags), {t: v for t, v in versions.items() if t not in outright})

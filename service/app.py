@@ -33,6 +33,7 @@ from service.pagetokens import PageTokens
 from service.repository import Repository
 from service.settings import DEV_PAGE_TOKEN_SECRET, Settings
 from service.tls import add_port, server_credentials
+from service.writes import ProductWriter
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -109,7 +110,8 @@ async def start(
     keys = Keys(settings.key_namespace)
     store = create_store(redis, settings) if settings.cache_enabled else None
     reader = Reader(store, repo, keys, settings)
-    api = CatalogApi(reader, PageTokens(settings.page_token_secret))
+    writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
+    api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer)
 
     server = aio.server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -17,3 +17,11 @@ class NotFound(CatalogError):
 
 class Unavailable(CatalogError):
     """PostgreSQL (the source of truth) cannot be reached; retrying later may succeed."""
+
+
+class CountersUnavailable(Unavailable):
+    """Redis, which buffers view counts, failed or timed out; the views may not be counted."""
+
+
+class Aborted(CatalogError):
+    """A concurrent change won: the caller's expected version is no longer current."""

@@ -21,9 +21,10 @@ from service import validation
 from service.cache import wire
 from service.cache.reader import Reader
 from service.db import is_connection_error
-from service.errors import InvalidArgument, NotFound, Unavailable
+from service.errors import Aborted, InvalidArgument, NotFound, Unavailable
 from service.metrics import RPC_LATENCY
 from service.pagetokens import PageTokens
+from service.writes import ProductWriter, parse_update
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatalogService"].full_name
@@ -36,9 +37,10 @@ _NOT_FOUND_RESULT = wire.field(3, b"")  # google.protobuf.Empty
 class CatalogApi:
     """The three read RPCs; each returns the serialized response message."""
 
-    def __init__(self, reader: Reader, tokens: PageTokens) -> None:
+    def __init__(self, reader: Reader, tokens: PageTokens, writer: ProductWriter) -> None:
         self.reader = reader
         self.tokens = tokens
+        self.writer = writer
 
     async def get_product(self, request: pb.GetProductRequest) -> bytes:
         product_id = validation.check_id(request.id)
@@ -71,12 +73,17 @@ class CatalogApi:
             )
         return b"".join(out)
 
+    async def update_product(self, request: pb.UpdateProductRequest) -> bytes:
+        return await self.writer.update(parse_update(request))
+
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Aborted):
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
     if isinstance(exc, Unavailable) or is_connection_error(exc):
@@ -124,5 +131,6 @@ def generic_handler(api: CatalogApi) -> grpc.GenericRpcHandler[Any, bytes]:
             "BatchGetProducts": method(
                 "BatchGetProducts", api.batch_get_products, pb.BatchGetProductsRequest
             ),
+            "UpdateProduct": method("UpdateProduct", api.update_product, pb.UpdateProductRequest),
         },
     )

@@ -62,9 +62,15 @@ class Loader:
         return await self.store.acquire(keys, [[self.keys.tag(Tag.product(i))] for i in ids], mode)
 
     async def load_products(
-        self, acquired: Acquired, leased: list[str], others: Sequence[str] = ()
+        self,
+        acquired: Acquired,
+        leased: list[str],
+        others: Sequence[str] = (),
+        *,
+        strict: bool = False,
     ) -> dict[str, LoadedProduct]:
-        """Read ``leased`` and ``others`` in one query; fill the leased ones."""
+        """Read ``leased`` and ``others`` in one query; fill the leased ones. A failed fill
+        raises only when ``strict`` (the write-through must know, to delete the key)."""
         leased_keys = [self.keys.product(i) for i in leased]
         started = time.perf_counter()
         loaded = await self._releasing(
@@ -74,7 +80,7 @@ class Loader:
         if leased:
             now = datetime.now(UTC)
             items = [self._product_item(i, loaded.get(i), now, load_ms) for i in leased]
-            await self._fill(acquired, items)
+            await self._fill(acquired, items, strict=strict)
         return loaded
 
     async def refresh_product(self, product_id: str, mode: Mode = "refresh") -> None:
@@ -83,6 +89,21 @@ class Loader:
         if acquired.outcomes == [True]:
             metrics.REFRESHES.labels("product").inc()
             await self.load_products(acquired, [product_id])
+
+    async def write_through(self, product_id: str) -> bytes | None:
+        """Cache the committed product under a forcing lease (voiding fills in flight); the fill
+        is refused if a newer version is already cached. Returns the product read, or None."""
+        acquired = await self.acquire_products([product_id], "force")
+        loaded = await self.load_products(acquired, [product_id], strict=True)
+        found = loaded.get(product_id)
+        return found.data if found else None
+
+    async def forget(self, product_id: str) -> None:
+        """Delete a product entry whose write-through failed: a miss beats stale data."""
+        try:
+            await self.store.redis.delete(self.keys.product(product_id))
+        except REDIS_FAILURES as exc:
+            self.on_redis_error(exc)
 
     async def fill_page(
         self, page_key: str, category_id: str, brand_id: str, after_id: str, size: int, mode: Mode
@@ -145,11 +166,13 @@ class Loader:
             physical = ttl.capped_ms(physical, changes_at, now)
         return int(time.time() * 1000) + fresh, physical
 
-    async def _fill(self, acquired: Acquired, items: list[FillItem]) -> None:
+    async def _fill(self, acquired: Acquired, items: list[FillItem], strict: bool = False) -> None:
         try:
             written = await self.store.fill(acquired.token, acquired.generation, items)
         except REDIS_FAILURES as exc:
             self.on_redis_error(exc)
+            if strict:
+                raise
             return
         refused = written.count(False)
         if refused:

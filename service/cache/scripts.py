@@ -82,13 +82,15 @@ while a <= #ARGV do
   local own = redis.call('GET', lease) == token
   if own then redis.call('DEL', lease) end
   if own and gen_ok and version_of(redis.call('GET', value)) <= version then
-    redis.call('SET', value, data, 'PX', ttl)
+    -- Tags before the value: a script that fails midway is not rolled back, and a tag without
+    -- its value is harmless where a value missing from a tag could never be invalidated.
     for t = k + 2, k + 1 + ntags do
       redis.call('SADD', KEYS[t], value)
       if redis.call('PTTL', KEYS[t]) < ttl + margin then
         redis.call('PEXPIRE', KEYS[t], ttl + margin)
       end
     end
+    redis.call('SET', value, data, 'PX', ttl)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

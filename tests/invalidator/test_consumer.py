@@ -17,6 +17,7 @@ from invalidator.events import (
     CATEGORY_UPDATED,
     PRODUCT_CREATED,
     PRODUCT_UPDATED,
+    Invalidation,
     new_event,
 )
 from invalidator.publisher import Publisher
@@ -230,10 +231,10 @@ class GatedConsumer(Consumer):
     gate: asyncio.Event
     entered: asyncio.Event
 
-    async def invalidate(self, tags: set[Tag]) -> int:
+    async def invalidate(self, invalidation: Invalidation) -> int:
         self.entered.set()
         await self.gate.wait()
-        return await super().invalidate(tags)
+        return await super().invalidate(invalidation)
 
 
 async def test_slow_batch_in_progress_is_not_reclaimed(

@@ -164,3 +164,24 @@ def test_only_renames_bump_the_generation() -> None:
     )
     assert not any(t.embeds_name for t in tags_for(moved))
     assert Tag.list_category("c1") in tags_for(moved)
+
+
+def test_versioned_product_updates_keep_entries_at_or_past_the_highest_version() -> None:
+    from invalidator.events import invalidation_for
+
+    v3 = new_event(PRODUCT_UPDATED, product_id="p1", version=3)
+    v5 = new_event(PRODUCT_UPDATED, product_id="p1", version=5)
+    unversioned = new_event(PRODUCT_UPDATED, product_id="p1")
+    moved = new_event(
+        PRODUCT_UPDATED, product_id="p2", version=2, category_id="c2", previous_category_id="c1"
+    )
+    batch = invalidation_for([v3, v5, moved])
+    assert batch.min_versions == {Tag.product("p1"): 5, Tag.product("p2"): 2}
+    assert (
+        Tag.list_category("c1") in batch.tags and Tag.list_category("c1") not in batch.min_versions
+    )
+    assert invalidation_for([v5, unversioned]).min_versions == {}, (
+        "an unversioned event voids outright"
+    )
+    deleted = new_event("product.deleted", product_id="p1", category_id="c", brand_id="b")
+    assert invalidation_for([v5, deleted]).min_versions == {}

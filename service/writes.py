@@ -1,0 +1,169 @@
+"""UpdateProduct: an optimistic-concurrency update and its outbox event in one transaction, then
+a write-through so the next read on any replica is a hit with the new data.
+
+Invariants:
+* the row change, the version bump and the ``product.updated`` outbox row commit together or not
+  at all; the event carries the new version and, after a move, the previous category/brand;
+* the write-through runs after the commit, under a fresh (forcing) lease, reads the committed row
+  and is refused if a newer version is already cached; if it cannot be written, the key is
+  deleted: a miss beats stale data. The event still voids list pages and other dependants, and
+  keeps the written entry because it is already at the event's version.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from catalog.v1 import catalog_pb2 as pb
+from invalidator.events import PRODUCT_UPDATED, new_event
+from invalidator.outbox import add_to_outbox
+from service.cache.breaker import CircuitBreaker
+from service.cache.loader import REDIS_FAILURES, Loader
+from service.errors import Aborted, InvalidArgument, NotFound
+from service.repository import Repository
+from service.validation import check_id
+
+log = logging.getLogger(__name__)
+UPDATABLE = ("name", "description", "stock", "base_price", "category", "brand")
+MAX_NAME, MAX_DESCRIPTION, MAX_STOCK = 200, 10_000, 2**31 - 1
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+_products = sa.table(
+    "products",
+    *(sa.column(c) for c in ("id", "name", "description", "stock", "price_minor", "currency")),
+    *(sa.column(c) for c in ("category_id", "brand_id", "version", "updated_at")),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A validated update: column values to set, and the version the caller saw (0: any)."""
+
+    product_id: str
+    expected_version: int
+    values: dict[str, Any]
+
+
+def parse_update(request: pb.UpdateProductRequest) -> Change:
+    """Validate an UpdateProductRequest (AIP-134) into column values; InvalidArgument if bad."""
+    p = request.product
+    product_id = check_id(p.id, "product.id")
+    paths = list(request.update_mask.paths)
+    if not paths:
+        raise InvalidArgument("update_mask must name at least one field")
+    unknown = sorted(set(paths) - set(UPDATABLE))
+    if unknown:
+        raise InvalidArgument(
+            f"update_mask names unknown or read-only fields {unknown}; allowed: {list(UPDATABLE)}"
+        )
+    values: dict[str, Any] = {}
+    if "name" in paths:
+        if not p.name.strip() or len(p.name) > MAX_NAME:
+            raise InvalidArgument(f"product.name must be 1 to {MAX_NAME} characters")
+        values["name"] = p.name
+    if "description" in paths:
+        if len(p.description) > MAX_DESCRIPTION:
+            raise InvalidArgument(f"product.description is longer than {MAX_DESCRIPTION}")
+        values["description"] = p.description
+    if "stock" in paths:
+        if not 0 <= p.stock <= MAX_STOCK:
+            raise InvalidArgument(f"product.stock must be between 0 and {MAX_STOCK}")
+        values["stock"] = p.stock
+    if "base_price" in paths:
+        if _CURRENCY.fullmatch(p.base_price.currency_code) is None:
+            raise InvalidArgument("product.base_price.currency_code must be an ISO 4217 code")
+        if p.base_price.amount_minor < 0:
+            raise InvalidArgument("product.base_price.amount_minor must not be negative")
+        values["price_minor"] = p.base_price.amount_minor
+        values["currency"] = p.base_price.currency_code
+    if "category" in paths:
+        values["category_id"] = check_id(p.category.id, "product.category.id")
+    if "brand" in paths:
+        values["brand_id"] = check_id(p.brand.id, "product.brand.id")
+    if p.version < 0:
+        raise InvalidArgument("product.version must not be negative")
+    return Change(product_id, p.version, values)
+
+
+class ProductWriter:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        repo: Repository,
+        loader: Loader | None,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self.engine = engine
+        self.repo = repo
+        self.loader = loader
+        self.breaker = breaker
+
+    async def update(self, change: Change) -> bytes:
+        """Apply ``change``; return the product as stored after the commit."""
+        await self._commit(change)
+        return await self._write_through(change.product_id)
+
+    async def _commit(self, change: Change) -> None:
+        t = _products.c
+        try:
+            async with self.engine.begin() as conn:
+                old = (
+                    await conn.execute(
+                        sa.select(t.version, t.category_id, t.brand_id)
+                        .where(t.id == change.product_id)
+                        .with_for_update()
+                    )
+                ).one_or_none()
+                if old is None:
+                    raise NotFound(f"product {change.product_id!r} not found")
+                if change.expected_version and change.expected_version != old.version:
+                    raise Aborted(
+                        f"product {change.product_id!r} is at version {old.version}, not "
+                        f"{change.expected_version}; read it again and retry"
+                    )
+                new = (
+                    await conn.execute(
+                        sa.update(_products)
+                        .where(t.id == change.product_id)
+                        .values(**change.values, version=t.version + 1, updated_at=sa.func.now())
+                        .returning(t.version, t.category_id, t.brand_id)
+                    )
+                ).one()
+                event = new_event(
+                    PRODUCT_UPDATED,
+                    product_id=change.product_id,
+                    category_id=new.category_id,
+                    previous_category_id=old.category_id
+                    if old.category_id != new.category_id
+                    else "",
+                    brand_id=new.brand_id,
+                    previous_brand_id=old.brand_id if old.brand_id != new.brand_id else "",
+                    version=new.version,
+                )
+                await add_to_outbox(conn, event)
+        except IntegrityError as exc:
+            # The only constraint an update can break here is a category or brand reference.
+            raise InvalidArgument("product.category.id or product.brand.id does not exist") from exc
+
+    async def _write_through(self, product_id: str) -> bytes:
+        loader = self.loader
+        if loader is not None and self.breaker.allow():
+            try:
+                written = await loader.write_through(product_id)
+            except REDIS_FAILURES as exc:
+                log.warning("write-through of %s failed (%s); deleting the key", product_id, exc)
+                await loader.forget(product_id)
+            else:
+                if written is not None:
+                    return written
+        found = (await self.repo.get_products([product_id])).get(product_id)
+        if found is None:  # deleted right after our commit
+            raise NotFound(f"product {product_id!r} not found")
+        return found.data
