@@ -20,10 +20,10 @@ PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I pr
 PROTO_VERSION_LINES := -I 'Protobuf Python Version:' -I '^GRPC_GENERATED_VERSION = ' \
 	-I '^    [0-9][0-9]*,$$'
 
-.PHONY: help install proto proto-check lint format test run bench up down compose-check clean
+.PHONY: help install proto proto-check lint format test run bench bench-quick up down compose-check clean
 
 help:
-	@echo "targets: install proto proto-check lint format test run bench up down compose-check clean"
+	@echo "targets: install proto proto-check lint format test run bench bench-quick up down compose-check clean"
 
 install: $(STAMP)
 
@@ -68,12 +68,12 @@ test: install
 run: install
 	$(BIN)/python -m service.devrun
 
+# Needs the local PostgreSQL (BENCH_DATABASE_URL) and redis-server; see docs/benchmarks.md.
 bench: install
-	@if [ -e bench/__main__.py ]; then \
-		$(BIN)/python -m bench; \
-	else \
-		echo "no benchmark yet (bench/__main__.py)"; \
-	fi
+	$(BIN)/python -m bench
+
+bench-quick: install
+	$(BIN)/python -m bench --quick
 
 up:
 	$(COMPOSE) up -d --build

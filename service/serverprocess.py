@@ -49,13 +49,15 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    #: What ``python`` runs: the service, or another server taking the same settings.
+    command: tuple[str, ...] = ("-m", "service", "serve")
 
     def start(self) -> ServerProcess:
         settings = self.settings.replace(
             grpc_address=f"127.0.0.1:{self.port}", metrics_port=self.metrics_port
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, *self.command],
             env=settings_env(settings),
             process_group=0,
         )

@@ -1,0 +1,64 @@
+"""``python -m bench [--quick] [--runs N] [--only NAME ...]``: run every scenario N times (3;
+1 with ``--quick``, which also shortens every duration), print the medians as one table, and
+write them to ``docs/benchmarks.md`` and ``bench/results.json``."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import invalidation, rpc, stampede, zipf
+from bench.environment import BenchEnv
+from bench.report import Row, medians, table, write
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTES = ROOT / "bench" / "NOTES.md"
+
+
+def scenarios(quick: bool) -> dict[str, Callable[[BenchEnv], list[Row]]]:
+    timing = rpc.Timing(1.0, 2.5) if quick else rpc.Timing(1.0, 4.0)
+    return {
+        "rpc": lambda env: rpc.run(env, timing),
+        "stampede": lambda env: stampede.run(env),
+        "invalidation": lambda env: invalidation.run(
+            env, 5.0 if quick else 30.0, 10_000 if quick else 30_000
+        ),
+        "zipf": lambda env: zipf.run(env, 2.0 if quick else 3.0, 5.0 if quick else 12.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one short run (about 2 minutes)")
+    parser.add_argument("--runs", type=int, help="repetitions (default 3, or 1 with --quick)")
+    parser.add_argument("--only", nargs="*", help="scenario groups to run (default: all)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no files")
+    args = parser.parse_args()
+    runs = args.runs or (1 if args.quick else 3)
+    chosen = {k: v for k, v in scenarios(args.quick).items() if not args.only or k in args.only}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="catalog-bench-") as tmp:
+        env = BenchEnv(Path(tmp)).start()
+        try:
+            results: list[list[Row]] = []
+            for n in range(runs):
+                rows: list[Row] = []
+                for name, scenario in chosen.items():
+                    print(f"run {n + 1}/{runs}: {name} ...", flush=True)
+                    rows += scenario(env)
+                results.append(rows)
+        finally:
+            env.stop()
+    final = medians(results)
+    print(table(final))
+    print(f"\n{runs} run(s) in {time.monotonic() - started:.0f} s")
+    if not args.no_write:
+        write(final, runs, NOTES.read_text().strip(), ROOT / "docs" / "benchmarks.md",
+              ROOT / "bench" / "results.json")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The servers a benchmark run uses: a private Redis and a seeded PostgreSQL database.
+
+The database (``catalog_bench`` on the local PostgreSQL unless ``BENCH_DATABASE_URL`` names
+another) is migrated and seeded with 100k products once and reused by later runs; the suite
+writes to it only through the Zipf scenario's updates (which bump versions). Redis is a private
+``redis-server`` on a free port, stopped at the end, so nothing of anyone else's is flushed. Each
+scenario uses a key namespace of its own, so every scenario starts cold.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from service.localservers import RedisProcess
+from service.settings import Settings
+
+PRODUCTS = 100_000
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/catalog_bench"
+
+
+def ensure_database(url: str) -> None:
+    """Create the database if missing, migrate it, and seed it unless it has products."""
+    from service.db import libpq_url
+    from service.migrations import upgrade
+    from service.seed import seed_catalog
+
+    name = make_url(url).database
+    admin = libpq_url(make_url(url).set(database="postgres").render_as_string(False))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    upgrade(url)
+    seed_catalog(url, PRODUCTS, seed=42)
+
+
+@dataclass
+class BenchEnv:
+    workdir: Path
+    database_url: str = field(
+        default_factory=lambda: os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
+    )
+    redis: RedisProcess | None = None
+
+    def start(self) -> BenchEnv:
+        ensure_database(self.database_url)
+        self.redis = RedisProcess(
+            self.workdir / "redis", None, "--maxmemory-policy", "volatile-ttl"
+        ).start()
+        return self
+
+    def stop(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+
+    def settings(self, **changes: object) -> Settings:
+        """Service settings on these servers, in a fresh key namespace."""
+        assert self.redis is not None
+        return Settings.from_env(
+            {},
+            database_url=self.database_url,
+            redis_url=self.redis.url,
+            key_namespace=f"bench{uuid.uuid4().hex[:8]}",
+            log_level="WARNING",
+            **changes,
+        )

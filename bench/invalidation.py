@@ -1,0 +1,179 @@
+"""Invalidation: ``product.updated`` published at a fixed rate, and a backlog drained flat out.
+
+Every event names a product whose entry is cached (written here the way a fill leaves it: the
+entry in its ``product:<id>`` tag set). Redis keyspace notifications report each entry's deletion
+to this process, which also timed the XADD, so "XADD -> key gone" is measured on one clock. Then
+a backlog is added at once and each invalidator's processed-events counter gives its rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis.asyncio import Redis
+
+from bench.environment import BenchEnv
+from bench.measure import percentile
+from bench.report import Row
+from invalidator.events import PRODUCT_UPDATED, new_event
+from invalidator.publisher import Publisher
+from service.cache import entry
+from service.keys import Keys, Tag
+from service.localservers import free_port, wait_for_port
+from service.serverprocess import scrape, settings_env
+from service.settings import Settings
+
+PAYLOAD = b"x" * 700  # about a product's size
+MAXLEN = 1_000_000
+
+
+@contextmanager
+def invalidators(settings: Settings, n: int, relay: bool = False) -> Iterator[list[int]]:
+    """``n`` invalidator processes (relaying the outbox or not); yields their metrics ports."""
+    ports = [free_port() for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "invalidator"],
+            env=settings_env(settings)
+            | {
+                "CATALOG_OUTBOX_RELAY": str(relay).lower(),
+                "CATALOG_INVALIDATOR_METRICS_PORT": str(port),
+                "CATALOG_INVALIDATOR_HEALTH_ADDRESS": "",
+            },
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            wait_for_port(port, timeout=30)
+        yield ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+
+async def cache(redis: Redis, keys: Keys, ids: list[str]) -> None:
+    """Cache an entry for each id (version 1), registered in its tag set."""
+    fresh = int(time.time() * 1000) + 600_000
+    value = entry.pack(PAYLOAD, 1, fresh, 1)
+    for k in range(0, len(ids), 1000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in ids[k : k + 1000]:
+                pipe.set(keys.product(i), value, px=600_000)
+                pipe.sadd(keys.tag(Tag.product(i)), keys.product(i))
+            await pipe.execute()
+
+
+async def rate_phase(
+    redis: Redis, settings: Settings, rate: int, seconds: float
+) -> tuple[list[float], int]:
+    """Publish at ``rate``/s; latencies (s) of the entries that went, and how many never did."""
+    keys = Keys(settings.key_namespace)
+    ids = [f"r{n:07d}" for n in range(int(rate * seconds))]
+    await cache(redis, keys, ids)
+    publisher = Publisher(redis, keys, maxlen=MAXLEN)
+    sent: dict[bytes, float] = {}
+    gone: dict[bytes, float] = {}
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("__keyevent@0__:del")
+
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                gone.setdefault(message["data"], time.perf_counter())
+
+    listener = asyncio.create_task(listen())
+    tick, per_tick = 0.01, max(1, rate // 100)
+    start = time.perf_counter()
+    for n in range(0, len(ids), per_tick):
+        await asyncio.sleep(max(0.0, start + (n // per_tick) * tick - time.perf_counter()))
+        batch = ids[n : n + per_tick]
+        now = time.perf_counter()
+        for i in batch:
+            sent[keys.product(i).encode()] = now
+        await publisher.publish_many(
+            new_event(PRODUCT_UPDATED, product_id=i, version=2) for i in batch
+        )
+    deadline = time.perf_counter() + 10
+    while len(gone.keys() & sent.keys()) < len(sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    listener.cancel()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    latencies = sorted(gone[k] - t for k, t in sent.items() if k in gone)
+    return latencies, len(sent) - len(latencies)
+
+
+async def drain_phase(
+    redis: Redis, settings: Settings, ports: list[int], count: int
+) -> list[float]:
+    """Add ``count`` events at once; each invalidator's events/s until the group is idle."""
+    keys = Keys(settings.key_namespace)
+    ids = [f"d{n:07d}" for n in range(count)]
+    await cache(redis, keys, ids)
+    publisher = Publisher(redis, keys, maxlen=MAXLEN)
+    before = [scrape(p, "catalog_invalidator_events_total", outcome="processed") for p in ports]
+    start = time.perf_counter()
+    for k in range(0, count, 2000):
+        await publisher.publish_many(
+            new_event(PRODUCT_UPDATED, product_id=i, version=2) for i in ids[k : k + 2000]
+        )
+    while True:
+        groups = await redis.xinfo_groups(keys.stream)
+        if all(g["lag"] == 0 and g["pending"] == 0 for g in groups):
+            break
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    after = [scrape(p, "catalog_invalidator_events_total", outcome="processed") for p in ports]
+    return [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
+
+
+def run(env: BenchEnv, seconds: float, backlog: int, rate: int = 1000) -> list[Row]:
+    rows: list[Row] = []
+    for n in (1, 2):
+        settings = env.settings()
+        with invalidators(settings, n) as ports:
+            lat, lost, rates = asyncio.run(_phases(settings, ports, rate, seconds, backlog))
+        scenario = f"invalidation, {n} invalidator(s), {rate} events/s for {seconds:.0f} s"
+        rows += [
+            Row(scenario, "XADD -> key gone p50", percentile(lat, 0.5) * 1000, "ms"),
+            Row(scenario, "XADD -> key gone p99", percentile(lat, 0.99) * 1000, "ms", target="<= 50"),  # noqa: E501
+            Row(scenario, "keys never deleted", lost, "keys", target="== 0"),
+            Row(scenario, "max events/s per invalidator (backlog)", max(rates), "events/s",
+                target=">= 5000" if n == 1 else ""),
+            Row(scenario, "events/s, all invalidators (backlog)", sum(rates), "events/s"),
+        ]  # fmt: skip
+    return rows
+
+
+async def _phases(
+    settings: Settings, ports: list[int], rate: int, seconds: float, backlog: int
+) -> tuple[list[float], int, list[float]]:
+    assert settings.redis_url
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.config_set("notify-keyspace-events", "Eg")
+        await wait_ready(redis, Keys(settings.key_namespace), len(ports))
+        lat, lost = await rate_phase(redis, settings, rate, seconds)
+        rates = await drain_phase(redis, settings, ports, backlog)
+        return lat, lost, rates
+    finally:
+        await redis.aclose()
+
+
+async def wait_ready(redis: Redis, keys: Keys, n: int) -> None:
+    """Until ``n`` consumers joined the group (the stream exists once one did)."""
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline:
+        if await redis.exists(keys.stream):
+            groups = await redis.xinfo_groups(keys.stream)
+            if groups and groups[0]["consumers"] >= n:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{n} invalidators did not join the group")
