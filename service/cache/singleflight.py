@@ -1,7 +1,11 @@
 """In-process single-flight: concurrent calls for one key share one running task.
 
 The shared work runs as its own task and callers await it through ``asyncio.shield``, so one
-caller's cancellation (a client deadline) never cancels the load the others wait for.
+caller's cancellation (a client deadline) never cancels the load the others wait for. When the
+last caller leaves, the load is cancelled: nobody wants its result, and a database query or a
+lease wait must not outlive every deadline that asked for it (psycopg then cancels the query in
+the server). Loads started with :meth:`launch` (background refreshes) have no caller to wait for
+and always run to the end.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ T = TypeVar("T")
 
 
 class SingleFlight(Generic[T]):
-    __slots__ = ("_tasks",)
+    __slots__ = ("_background", "_callers", "_tasks")
 
     def __init__(self) -> None:
         self._tasks: dict[Hashable, asyncio.Task[T]] = {}
+        self._callers: dict[asyncio.Task[T], int] = {}
+        self._background: set[asyncio.Task[T]] = set()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -28,11 +34,22 @@ class SingleFlight(Generic[T]):
             task = asyncio.ensure_future(fn())
             self._tasks[key] = task
             task.add_done_callback(lambda t: self._done(key, t))
-        return await asyncio.shield(task)
+        self._callers[task] = self._callers.get(task, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            left = self._callers[task] - 1
+            if left:
+                self._callers[task] = left
+            else:
+                del self._callers[task]
+                if not task.done() and task not in self._background:
+                    task.cancel()  # the last caller gave up (its deadline passed)
 
     def _done(self, key: Hashable, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
+        self._background.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: no "never retrieved" warning when all callers left
 
@@ -41,4 +58,5 @@ class SingleFlight(Generic[T]):
         if key not in self._tasks:
             task = asyncio.ensure_future(fn())
             self._tasks[key] = task
+            self._background.add(task)
             task.add_done_callback(lambda t: self._done(key, t))

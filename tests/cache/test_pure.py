@@ -132,3 +132,43 @@ def test_assembled_list_response_parses_as_protobuf() -> None:
     parsed = pb.ListProductsResponse.FromString(b"".join(out))
     assert [p.id for p in parsed.products] == [f"p{i}" for i in range(5)]
     assert parsed.next_page_token == "token"
+
+
+async def test_singleflight_cancels_the_load_when_its_last_caller_leaves() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def load() -> int:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return 0
+
+    callers = [asyncio.ensure_future(flight.do("k", load)) for _ in range(2)]
+    await started.wait()
+    callers[0].cancel()
+    await asyncio.sleep(0)
+    assert not cancelled.is_set(), "another caller still waits"
+    callers[1].cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert len(flight) == 0
+
+
+async def test_singleflight_background_load_outlives_a_caller_that_leaves() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    gate = asyncio.Event()
+
+    async def load() -> int:
+        await gate.wait()
+        return 3
+
+    flight.launch("k", load)
+    caller = asyncio.ensure_future(flight.do("k", load))
+    await asyncio.sleep(0)
+    caller.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    assert await flight.do("k", load) == 3

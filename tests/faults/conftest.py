@@ -1,0 +1,200 @@
+"""Fixtures of the fault tests: private servers a test may kill, pause or restart, invalidator
+processes, an in-process service with per-test settings, and a bounded asyncio read load.
+
+Every load is bounded in time and concurrency and talks to loopback only. Faults are lined up
+with the system's own signals (metrics, pending lists, health), never with sleeps; the only
+durations are the load lengths and fault lengths the issue prescribes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from grpc import aio
+
+from catalog.v1 import catalog_pb2 as pb
+from catalog.v1 import catalog_pb2_grpc
+from service.app import Service, start
+from service.db import libpq_url
+from service.localservers import PostgresCluster
+from service.settings import Settings
+from service.serverprocess import settings_env
+from tests.conftest import SEED_PRODUCTS
+
+ROOT = Path(__file__).resolve().parents[2]
+PRODUCT_IDS = [f"p{n:07d}" for n in range(1, SEED_PRODUCTS + 1)]
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server of this test's own (stop, kill and restart are allowed), migrated
+    and seeded like the shared test database."""
+    from service.migrations import upgrade
+    from service.seed import seed_catalog
+
+    workdir = Path(tempfile.mkdtemp(prefix="catalog-fault-pg-"))
+    if os.geteuid() == 0:
+        workdir.chmod(0o755)  # the server runs as postgres and must reach its data directory
+    cluster = PostgresCluster(workdir / "pg")
+    try:
+        cluster.start()
+        upgrade(cluster.url)
+        seed_catalog(cluster.url, products=SEED_PRODUCTS, seed=42)
+        yield cluster
+    finally:
+        cluster.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def start_service(settings: Settings, **overrides: Any) -> Service:
+    return await start(settings.replace(grpc_address="127.0.0.1:0", **overrides))
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[Service]]:
+    """In-process services a test appends to; all are stopped at teardown."""
+    started: list[Service] = []
+    yield started
+    for svc in started:
+        await svc.stop(grace=0)
+
+
+def active_queries(database_url: str) -> int:
+    """Statements of other sessions running (or waiting) in the database right now."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state = 'active' AND backend_type = 'client backend'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class Invalidators:
+    """``python -m invalidator`` processes on the test's namespace; killed at teardown."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        environ = settings_env(self.settings) | {
+            "CATALOG_INVALIDATOR_CONSUMER": name,
+            "CATALOG_INVALIDATOR_BLOCK_MS": "200",
+            "CATALOG_INVALIDATOR_CLAIM_MIN_IDLE_MS": "1000",
+            "CATALOG_INVALIDATOR_CLAIM_INTERVAL_MS": "100",
+            "CATALOG_INVALIDATOR_RETRY_BACKOFF_MS": "50",
+            "CATALOG_INVALIDATOR_STATS_INTERVAL_S": "0.5",
+            "CATALOG_INVALIDATOR_METRICS_PORT": "0",
+            "CATALOG_INVALIDATOR_HEALTH_ADDRESS": "",
+            "CATALOG_OUTBOX_POLL_MS": "5",
+            "CATALOG_LOG_LEVEL": "WARNING",
+            **env,
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "invalidator"], env=environ, cwd=ROOT)
+        self.procs[name] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def invalidators(settings: Settings) -> Iterator[Invalidators]:
+    group = Invalidators(settings)
+    yield group
+    group.stop_all()
+
+
+@dataclass
+class Outcome:
+    """One call of the load: when it started, how long it took, its status code."""
+
+    started: float
+    seconds: float
+    code: grpc.StatusCode
+
+
+@dataclass
+class ReadLoad:
+    """``workers`` asyncio clients calling GetProduct (Zipf-distributed ids) back to back.
+
+    Bounded: it stops at ``stop()`` or after ``max_seconds``, whichever comes first."""
+
+    target: str
+    deadline_s: float
+    workers: int = 8
+    max_seconds: float = 120.0
+    zipf_s: float = 1.1
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> ReadLoad:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> list[Outcome]:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        return self.outcomes
+
+    def codes(self, since: float = 0.0) -> Counter[str]:
+        return Counter(o.code.name for o in self.outcomes if o.started >= since)
+
+    async def _run(self) -> None:
+        weights = [1 / (rank**self.zipf_s) for rank in range(1, len(PRODUCT_IDS) + 1)]
+        async with aio.insecure_channel(self.target) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            end = time.monotonic() + self.max_seconds
+
+            async def worker(seed: int) -> None:
+                rand = random.Random(seed)
+                while not self._stop.is_set() and time.monotonic() < end:
+                    pid = rand.choices(PRODUCT_IDS, weights)[0]
+                    started = time.monotonic()
+                    try:
+                        reply = await stub.GetProduct(
+                            pb.GetProductRequest(id=pid), timeout=self.deadline_s
+                        )
+                        assert reply.id == pid
+                        code = grpc.StatusCode.OK
+                    except aio.AioRpcError as exc:
+                        code = exc.code()
+                    self.outcomes.append(Outcome(started, time.monotonic() - started, code))
+
+            await asyncio.gather(*(worker(n) for n in range(self.workers)))
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool], timeout: float, what: str
+) -> float:
+    """Poll ``check`` (sync or async) until true; the seconds it took. A bound, not a claim."""
+    started = time.monotonic()
+    while True:
+        ok = check()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.01)
