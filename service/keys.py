@@ -74,6 +74,11 @@ class Tag:
         return (target, "") if field == "category" else ("", target)
 
     @property
+    def product_id(self) -> str:
+        """The id of a ``product:<id>`` tag ("" for other tags): its one member is derivable."""
+        return self.name[8:] if self.name.startswith("product:") else ""
+
+    @property
     def embeds_name(self) -> bool:
         """True for tags whose invalidation must also bump the generation (DESIGN 5.2)."""
         return self.name.startswith(("category:", "brand:"))

@@ -138,7 +138,8 @@ async def redis_client(settings: Settings) -> AsyncIterator[object]:
     """A client on the shared Redis; deletes every key of this test's namespace afterwards."""
     from service.app import create_redis
 
-    client = create_redis(settings.replace(redis_connect_timeout_s=5.0), socket_timeout=5.0)
+    patient = settings.replace(redis_connect_timeout_s=5.0, redis_pool_timeout_s=30.0)
+    client = create_redis(patient, socket_timeout=5.0)
     yield client
     keys = [k async for k in client.scan_iter(match=f"{settings.key_namespace}:*", count=1000)]
     if keys:

@@ -110,9 +110,12 @@ end
 return n
 """
 
-# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix, then one minimum
-# version per tag: 0 deletes every member; v > 0 keeps a member already cached at version >= v
-# (a write-through that got there first) and deletes the rest. Leases are always deleted.
+# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix, then per tag: a
+# minimum version and the tag's derivable member ("" if none).
+# Minimum version 0 deletes every member; v > 0 keeps a member already cached at version >= v
+# (a write-through that got there first) and deletes the rest. Leases are always deleted. The
+# derivable member (a product tag's product key) is processed even when the set itself is gone,
+# e.g. evicted under memory pressure, so a product edit is never lost with its tag set.
 # Returns the number of value keys and leases deleted.
 INVALIDATE = (
     _VERSION_OF
@@ -120,7 +123,8 @@ INVALIDATE = (
 local n = 0
 for i = 2, #KEYS do
   local members = redis.call('SMEMBERS', KEYS[i])
-  local min_version = tonumber(ARGV[i + 1]) or 0
+  local min_version = tonumber(ARGV[2 * i - 1]) or 0
+  if ARGV[2 * i] ~= '' then members[#members + 1] = ARGV[2 * i] end
   local kept = {}
   for j = 1, #members do
     local m = members[j]
