@@ -14,6 +14,7 @@ from time import perf_counter
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from catalog.v1 import catalog_pb2 as pb
@@ -115,12 +116,28 @@ def _unary(method: str, fn: Callable[[Any], Awaitable[bytes]]) -> Handler:
     return handle
 
 
+def _parsed(
+    request: Any, fn: Callable[[Any], Awaitable[bytes]]
+) -> Callable[[bytes], Awaitable[bytes]]:
+    """Parse in the handler: bytes that are not a ``request`` are INVALID_ARGUMENT. (As gRPC's
+    request deserializer, a parse error would be UNKNOWN with the exception's type on the wire.)"""
+
+    async def parse_then_call(raw: bytes) -> bytes:
+        try:
+            message = request.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument(f"not a valid {request.DESCRIPTOR.full_name} message") from None
+        return await fn(message)
+
+    return parse_then_call
+
+
 def generic_handler(api: CatalogApi) -> grpc.GenericRpcHandler[Any, bytes]:
-    """The service's handlers, with request parsing by protobuf and raw-bytes responses."""
+    """The service's handlers: raw bytes in (parsed by :func:`_parsed`), raw bytes out."""
 
     def method(name: str, fn: Callable[[Any], Awaitable[bytes]], request: Any) -> Any:
         return grpc.unary_unary_rpc_method_handler(
-            _unary(name, fn), request_deserializer=request.FromString, response_serializer=None
+            _unary(name, _parsed(request, fn)), request_deserializer=None, response_serializer=None
         )
 
     return grpc.method_handlers_generic_handler(

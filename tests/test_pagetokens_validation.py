@@ -35,6 +35,17 @@ def test_modified_token_is_invalid_argument(mutate: object) -> None:
         tokens.decode(mutate(token), "", "")  # type: ignore[operator]
 
 
+def test_every_one_character_change_of_a_token_is_rejected() -> None:
+    """Including the last character, whose unused low bits base64 decoders ignore."""
+    tokens = PageTokens("s3cret")
+    token = tokens.encode("p0000042", "", "")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for n, original in enumerate(token):
+        for replacement in alphabet.replace(original, ""):
+            with pytest.raises(InvalidArgument):
+                tokens.decode(token[:n] + replacement + token[n + 1 :], "", "")
+
+
 def test_token_from_other_filters_or_secret_is_rejected() -> None:
     token = PageTokens("s3cret").encode("p0000042", "c1", "")
     with pytest.raises(InvalidArgument):
