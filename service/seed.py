@@ -72,7 +72,9 @@ def seed_catalog(url: str, products: int = 10_000, seed: int = 42, reset: bool =
     with psycopg.connect(libpq_url(url)) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SEED_LOCK_KEY,))
         if reset:
-            conn.execute("TRUNCATE price_rules, product_images, products, brands, categories")
+            conn.execute(
+                "TRUNCATE price_rules, product_images, product_stats, products, brands, categories"
+            )
         elif conn.execute("SELECT EXISTS (SELECT 1 FROM products)").fetchone() == (True,):
             return 0
         _load(conn, _Catalog.generate(random.Random(seed), products))
