@@ -33,6 +33,7 @@ from service.pagetokens import PageTokens
 from service.repository import Repository
 from service.settings import DEV_PAGE_TOKEN_SECRET, Settings
 from service.tls import add_port, server_credentials
+from service.views import ViewCounter
 from service.writes import ProductWriter
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ async def start(
     reader = Reader(store, repo, keys, settings)
     writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
     api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer)
+    api.views = ViewCounter(redis, keys)
 
     server = aio.server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -11,10 +11,15 @@ Layout (``ns`` is ``CATALOG_KEY_NAMESPACE``, ``SCHEMA`` the cached-format versio
 ``<ns>:<SCHEMA>:gen``                 generation of embedded names (bumped by renames)
 ``<ns>:events``                       the event stream (unversioned: publishers depend on it)
 ``<ns>:events:dead``                  dead letters of the event stream (reason + original fields)
+``<ns>:{views}:pending``              hash: product id -> views not yet claimed by a flush
+``<ns>:{views}:flush:<flush id>``     a pending hash swapped out by a flush, until written
+``<ns>:{views}:flushes``              set of flush ids claimed and not yet released
 ====================================  ==========================================================
 
 Bumping ``SCHEMA`` on a deploy that changes a cached format makes new code ignore old bytes.
 A value and its lease share a hash tag, so Redis Cluster keeps them in one slot.
+View counters are data, not a cached format: they are unversioned, and share the hash tag
+``{views}`` so a flush's RENAME stays within one slot.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ def _glob_escape(text: str) -> str:
 class Keys:
     """Key builder bound to one namespace. Build once in ``app.py`` and pass it down."""
 
-    __slots__ = ("_dead_letter", "_events", "_prefix", "_product", "group", "stream")
+    __slots__ = ("_dead_letter", "_events", "_prefix", "_product", "_views", "group", "stream")
 
     def __init__(
         self,
@@ -106,6 +111,7 @@ class Keys:
         ``invalidator``, ``<stream>:dead``); the invalidator's settings may override them."""
         self._prefix = f"{namespace}:{SCHEMA}:"
         self._product = f"{namespace}:{SCHEMA}:p:"
+        self._views = f"{namespace}:{{views}}:"
         self.stream = stream or f"{namespace}:events"
         self.group = group or "invalidator"
         self._dead_letter = dead_letter_stream
@@ -169,3 +175,17 @@ class Keys:
     def dead_letter_stream(self) -> str:
         """Entries the invalidator could not apply, with the reason (``catalog dlq``)."""
         return self._dead_letter or self.stream + ":dead"
+
+    @property
+    def views_pending(self) -> str:
+        """The live hash of view counts (``RecordProductViews`` increments it)."""
+        return self._views + "pending"
+
+    def views_flush(self, flush_id: str) -> str:
+        """The hash one flush swapped out of ``views_pending`` (RENAME), until it is written."""
+        return self._views + "flush:" + flush_id
+
+    @property
+    def views_flushes(self) -> str:
+        """Set of the flush ids whose hash is not yet written and released."""
+        return self._views + "flushes"

@@ -11,6 +11,7 @@ MAX_ID_LENGTH = 64
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 MAX_BATCH = 100
+MAX_VIEW_BATCH = 1000
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -45,4 +46,15 @@ def batch_ids(ids: Sequence[str]) -> Sequence[str]:
         raise InvalidArgument(f"ids may name at most {MAX_BATCH} products, got {len(ids)}")
     for n, value in enumerate(ids):
         check_id(value, f"ids[{n}]")
+    return ids
+
+
+def view_ids(ids: Sequence[str]) -> Sequence[str]:
+    """1 to ``MAX_VIEW_BATCH`` well-formed ids; repeats are allowed (each one is a view)."""
+    if not ids:
+        raise InvalidArgument("product_ids must name at least one product")
+    if len(ids) > MAX_VIEW_BATCH:
+        raise InvalidArgument(f"product_ids may hold at most {MAX_VIEW_BATCH} ids, got {len(ids)}")
+    for n, value in enumerate(ids):
+        check_id(value, f"product_ids[{n}]")
     return ids
