@@ -18,14 +18,13 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from catalog.v1 import catalog_pb2 as pb
-from service import validation
+from service import deadlines, validation
 from service.cache import wire
 from service.cache.reader import Reader
 from service.db import is_connection_error
 from service.errors import Aborted, InvalidArgument, NotFound, Unavailable
 from service.metrics import RPC_LATENCY
 from service.pagetokens import PageTokens
-from service.views import ViewCounter
 from service.writes import ProductWriter, parse_update
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,6 @@ class CatalogApi:
     def __init__(self, reader: Reader, tokens: PageTokens, writer: ProductWriter) -> None:
         self.reader = reader
         self.tokens = tokens
-        self.views: ViewCounter | None = None  # set by app.start: RecordProductViews
         self.writer = writer
 
     async def get_product(self, request: pb.GetProductRequest) -> bytes:
@@ -79,12 +77,6 @@ class CatalogApi:
     async def update_product(self, request: pb.UpdateProductRequest) -> bytes:
         return await self.writer.update(parse_update(request))
 
-    async def record_product_views(self, request: pb.RecordProductViewsRequest) -> bytes:
-        ids = validation.view_ids(request.product_ids)
-        assert self.views is not None, "CatalogApi built without a ViewCounter"
-        recorded = await self.views.record(ids)
-        return pb.RecordProductViewsResponse(recorded=recorded).SerializeToString()
-
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, InvalidArgument):
@@ -108,6 +100,7 @@ def _unary(method: str, fn: Callable[[Any], Awaitable[bytes]]) -> Handler:
     async def handle(request: Any, context: aio.ServicerContext[Any, bytes]) -> bytes:
         start = perf_counter()
         remaining = context.time_remaining()
+        deadlines.set_remaining(remaining)  # each call runs in its own task (and context)
         try:
             if remaining is None:
                 result = await fn(request)
@@ -155,9 +148,6 @@ def generic_handler(api: CatalogApi) -> grpc.GenericRpcHandler[Any, bytes]:
             "ListProducts": method("ListProducts", api.list_products, pb.ListProductsRequest),
             "BatchGetProducts": method(
                 "BatchGetProducts", api.batch_get_products, pb.BatchGetProductsRequest
-            ),
-            "RecordProductViews": method(
-                "RecordProductViews", api.record_product_views, pb.RecordProductViewsRequest
             ),
             "UpdateProduct": method("UpdateProduct", api.update_product, pb.UpdateProductRequest),
         },

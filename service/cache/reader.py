@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from service import metrics
+from service import deadlines, metrics
 from service.cache import entry
 from service.cache.breaker import CircuitBreaker
 from service.cache.loader import REDIS_FAILURES, Loader, Mode
@@ -267,9 +267,10 @@ class Reader:
         return run
 
     async def _wait_for(self, store: CacheStore, key: str) -> bytes | None:
-        """Poll for another reader's fill, at most lease_wait_ms; None if it did not come."""
+        """Poll for another reader's fill, at most lease_wait_ms and half the caller's time
+        left (:mod:`service.deadlines`); None if it did not come."""
         poll = self.settings.lease_poll_ms / 1000.0
-        deadline = time.monotonic() + self.settings.lease_wait_ms / 1000.0
+        deadline = time.monotonic() + deadlines.wait_budget(self.settings.lease_wait_ms / 1000.0)
         while time.monotonic() < deadline:
             await asyncio.sleep(poll)
             try:

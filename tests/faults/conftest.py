@@ -31,8 +31,8 @@ from catalog.v1 import catalog_pb2_grpc
 from service.app import Service, start
 from service.db import libpq_url
 from service.localservers import PostgresCluster
-from service.settings import Settings
 from service.serverprocess import settings_env
+from service.settings import Settings
 from tests.conftest import SEED_PRODUCTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,11 +151,19 @@ class ReadLoad:
         self._task = asyncio.create_task(self._run())
         return self
 
-    async def stop(self) -> list[Outcome]:
-        self._stop.set()
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def wait(self) -> list[Outcome]:
+        """The outcomes, once the load ran its ``max_seconds``."""
         assert self._task is not None
         await self._task
         return self.outcomes
+
+    async def stop(self) -> list[Outcome]:
+        self._stop.set()
+        return await self.wait()
 
     def codes(self, since: float = 0.0) -> Counter[str]:
         return Counter(o.code.name for o in self.outcomes if o.started >= since)

@@ -2,13 +2,13 @@
 query included, and refuses calls beyond ``max_concurrent_rpcs`` with RESOURCE_EXHAUSTED.
 
 Acceptance figures (issue #6): no query of a call still runs 1 s after its DEADLINE_EXCEEDED;
-a lease wait never outlives the remaining deadline."""
+a lease wait never outlives the remaining deadline (it takes at most half of it, so the
+PostgreSQL read it falls back to fits in the other half)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import cast
 
 import grpc
 import psycopg
@@ -58,39 +58,26 @@ async def test_a_query_blocked_past_the_deadline_is_cancelled_in_postgresql(
         assert (await stub.GetProduct(pb.GetProductRequest(id="p0000007"), timeout=5)).id
 
 
-async def test_a_lease_wait_ends_at_the_deadline(
+async def test_a_lease_wait_leaves_time_to_read_postgresql_within_the_deadline(
     own_db: Settings, services: list[Service], redis_client: Redis
 ) -> None:
-    """Another reader holds the lease for 30 s and we may wait 20 s: the deadline wins."""
+    """Another reader holds the lease for 30 s and we may wait 20 s: the wait takes at most half
+    of the 1 s deadline, and the call is then served from PostgreSQL before its deadline."""
     svc = await start_service(own_db, lease_ttl_ms=30_000, lease_wait_ms=20_000)
     services.append(svc)
     keys = Keys(own_db.key_namespace)
     await redis_client.set(keys.lease(keys.product("p0000008")), "someone-else", px=30_000)
-    polls = Delta("catalog_lease_waits_total")
+    waits = Delta("catalog_lease_waits_total")
     async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
         stub = catalog_pb2_grpc.CatalogServiceStub(channel)
-        deadline = 0.3
+        await stub.GetProduct(pb.GetProductRequest(id="p0000009"))  # connections made
         started = time.monotonic()
-        with pytest.raises(aio.AioRpcError) as caught:
-            await stub.GetProduct(pb.GetProductRequest(id="p0000008"), timeout=deadline)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert polls() == 1, "the call was waiting on the lease"
-        # The waiting handler is gone: its polling (one GET per 5 ms) stops. Sampled over
-        # 20 polls' time after a bound of 1 s (generous for a loaded 2-core machine).
-        info = cast(dict[str, dict[str, int]], await redis_client.info("commandstats"))
-
-        def gets() -> int:
-            return int(info.get("cmdstat_get", {}).get("calls", 0))
-
-        async def polling_stopped() -> bool:
-            nonlocal info
-            before = gets()
-            await asyncio.sleep(0.1)
-            info = cast(dict[str, dict[str, int]], await redis_client.info("commandstats"))
-            return gets() == before
-
-        await wait_until(polling_stopped, timeout=1.0, what="the lease wait to stop")
-        print(f"\nlease wait ended; call took {time.monotonic() - started:.3f} s of {deadline}")
+        reply = await stub.GetProduct(pb.GetProductRequest(id="p0000008"), timeout=1.0)
+        took = time.monotonic() - started
+    assert reply.id == "p0000008"
+    assert waits() == 1, "the call did wait on the lease"
+    print(f"\nserved from PostgreSQL after a lease wait in {took * 1000:.0f} ms of 1000")
+    assert await redis_client.get(keys.product("p0000008")) is None, "not cached: not our lease"
 
 
 async def test_calls_beyond_max_concurrent_rpcs_get_resource_exhausted(
