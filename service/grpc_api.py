@@ -25,6 +25,7 @@ from service.db import is_connection_error
 from service.errors import Aborted, InvalidArgument, NotFound, Unavailable
 from service.metrics import RPC_LATENCY
 from service.pagetokens import PageTokens
+from service.views import ViewCounter
 from service.writes import ProductWriter, parse_update
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class CatalogApi:
     def __init__(self, reader: Reader, tokens: PageTokens, writer: ProductWriter) -> None:
         self.reader = reader
         self.tokens = tokens
+        self.views: ViewCounter | None = None  # set by app.start: RecordProductViews
         self.writer = writer
 
     async def get_product(self, request: pb.GetProductRequest) -> bytes:
@@ -76,6 +78,12 @@ class CatalogApi:
 
     async def update_product(self, request: pb.UpdateProductRequest) -> bytes:
         return await self.writer.update(parse_update(request))
+
+    async def record_product_views(self, request: pb.RecordProductViewsRequest) -> bytes:
+        ids = validation.view_ids(request.product_ids)
+        assert self.views is not None, "CatalogApi built without a ViewCounter"
+        recorded = await self.views.record(ids)
+        return pb.RecordProductViewsResponse(recorded=recorded).SerializeToString()
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -148,6 +156,9 @@ def generic_handler(api: CatalogApi) -> grpc.GenericRpcHandler[Any, bytes]:
             "ListProducts": method("ListProducts", api.list_products, pb.ListProductsRequest),
             "BatchGetProducts": method(
                 "BatchGetProducts", api.batch_get_products, pb.BatchGetProductsRequest
+            ),
+            "RecordProductViews": method(
+                "RecordProductViews", api.record_product_views, pb.RecordProductViewsRequest
             ),
             "UpdateProduct": method("UpdateProduct", api.update_product, pb.UpdateProductRequest),
         },
