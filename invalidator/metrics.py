@@ -34,3 +34,16 @@ GROUP_LAG = Gauge("catalog_invalidator_group_lag", "Entries not yet delivered to
 GROUP_PENDING = Gauge("catalog_invalidator_group_pending", "Entries delivered but not acked")
 OUTBOX_PUBLISHED = Counter("catalog_outbox_published", "Outbox rows XADDed by the relay")
 OUTBOX_ERRORS = Counter("catalog_outbox_errors", "Failed outbox relay transactions")
+VIEWS_FLUSHED = Counter("catalog_views_flushed", "Views added to product_stats by this flusher")
+VIEWS_DROPPED = Counter(
+    "catalog_views_dropped", "Views of ids that name no product, dropped at flush"
+)
+VIEW_FLUSH_FAILURES = Counter(
+    "catalog_view_flush_failures", "Flush cycles that failed (their flush is retried next cycle)"
+)
+VIEWS_PENDING = Gauge(
+    "catalog_views_pending_products", "Distinct products with views pending at the last claim"
+)
+VIEW_FLUSHES_PENDING = Gauge(
+    "catalog_view_flushes_pending", "Claimed flushes not yet written to PostgreSQL and released"
+)

@@ -63,6 +63,10 @@ class InvalidatorSettings:
     outbox_batch_size: int = option(500, "outbox rows published per transaction", lo=1, hi=10_000)
     outbox_poll_ms: int = option(20, "relay poll interval while the outbox is empty", lo=1)
     outbox_retention_s: float = option(86400.0, "sent outbox rows are deleted after this", lo=1)
+    views_flush: bool = option(True, "run the view-counter flusher in the invalidator process")
+    views_flush_interval_s: float = option(
+        60.0, "seconds between view-counter flushes (the loss window if Redis dies)", lo=0.001
+    )
 
     def __post_init__(self) -> None:
         if not (self.invalidator_consume or self.outbox_relay):

@@ -2,7 +2,8 @@
 
 :func:`run` owns start-up and shutdown. SIGTERM/SIGINT: health turns NOT_SERVING, the consumer
 finishes the batch in hand, drains what was delivered to it and leaves the group only when it
-holds nothing; the relay finishes its transaction; then every pool is closed (``finally``).
+holds nothing; the relay finishes its transaction; the view flusher flushes once more; then every
+pool is closed (``finally``).
 Exit status 0 after a clean leave, 1 when entries were left pending for others to reclaim.
 """
 
@@ -20,6 +21,7 @@ from invalidator.health import Health, monitor
 from invalidator.outbox import OutboxRelay
 from invalidator.publisher import Publisher
 from invalidator.settings import InvalidatorSettings
+from invalidator.viewflush import ViewFlusher
 from service.cache.store import CacheStore
 from service.metrics import start_metrics_server
 from service.settings import Settings
@@ -88,6 +90,13 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
                     retention_s=settings.outbox_retention_s,
                 )
                 tasks.create_task(relay.run(stop))
+            if settings.views_flush:
+                from service.db import create_engine
+
+                engine = engine or create_engine(base)
+                interval = settings.views_flush_interval_s
+                flusher = ViewFlusher(redis, engine, keys, interval_s=interval)
+                tasks.create_task(flusher.run(stop))
             ready = (lambda: consumer.ready) if consumer is not None else (lambda: True)
             tasks.create_task(
                 monitor(redis, keys, health, ready, settings.invalidator_stats_interval_s, stop)
