@@ -56,6 +56,30 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _warm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--top", type=_positive_int, default=1000, help="most viewed products")
+    parser.add_argument(
+        "--categories", type=int, default=20, help="first pages of the busiest categories"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=2000.0, help="products per second at most (0: unlimited)"
+    )
+
+
+def _warm(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from service.warm import warm_cache
+
+    warmed = asyncio.run(warm_cache(settings, args.top, args.categories, args.rate))
+    source = "view counts" if warmed.from_stats else "no view counts yet: first products by id"
+    print(
+        f"warmed {warmed.products} products and {warmed.pages} category pages "
+        f"in {warmed.seconds:.1f} s ({source})"
+    )
+    return 0
+
+
 def _healthcheck_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", help="host:port to ask (default: CATALOG_GRPC_ADDRESS, 0.0.0.0 as loopback)"
@@ -125,6 +149,7 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "run the gRPC service until SIGTERM/SIGINT", _serve, _serve_arguments),
+    Command("warm", "load popular products into the cache", _warm, _warm_arguments),
     Command(
         "healthcheck", "exit 0 if a server reports SERVING", _healthcheck, _healthcheck_arguments
     ),

@@ -2,9 +2,10 @@
 
 Uses the configured PostgreSQL and Redis when they answer; otherwise starts private ones under
 ``.run/`` (the PostgreSQL cluster, and so its seeded data, is reused by the next run). Then it
-migrates, seeds, and starts every process of ``CHILDREN``. It runs until SIGINT/SIGTERM (exit 0)
-or until a child exits (exit with that child's code, never 0). Either way, every child and every
-server it started is stopped before it returns; servers it found running are left alone.
+migrates, seeds, starts every process of ``CHILDREN`` and warms the cache. It runs until
+SIGINT/SIGTERM (exit 0) or until a child exits (exit with that child's code, never 0). Either way,
+every child and every server it started is stopped before it returns; servers it found running
+are left alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CHILDREN: list[tuple[str, list[str]]] = [
     ("invalidator", [sys.executable, "-m", "invalidator"]),
 ]
 
+WARM = [sys.executable, "-m", "service", "warm", "--top", "1000"]
 RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
 READY_TIMEOUT_S = 60.0
 log = logging.getLogger("devrun")
@@ -118,6 +120,8 @@ def _run(settings: Settings, run_dir: Path, products: int, cleanup: contextlib.E
             log.error("the gRPC server did not listen on %s:%d in %ss", host, port, READY_TIMEOUT_S)
             return 1
         time.sleep(0.1)
+    # Warm the cache through the service's own fill path before anyone calls it.
+    subprocess.run(WARM, env=env, check=False)
     print(_usage(f"{host}:{port}", settings), flush=True)
     while (code := _exit_code_of_dead(children)) is None:
         time.sleep(0.2)
