@@ -1,0 +1,232 @@
+"""The service and the invalidator work under the least-privilege Redis users of docs/security.md.
+
+The ``ACL SETUSER`` lines are read from that page (so the page cannot drift from what is
+tested), applied to a private redis-server with this test's namespace and passwords, and the two
+processes run under them: every RPC, a cache hit, an outbox relay, an invalidation and a clean
+leave of the group, with no Redis error counted or logged. Then the commands neither may run
+are refused with NOPERM. Last, the service reads through ``rediss://``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis as redis_sync
+from google.protobuf import field_mask_pb2
+from grpc import aio
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
+
+from catalog.v1 import catalog_pb2 as pb
+from catalog.v1 import catalog_pb2_grpc
+from invalidator.publisher import Publisher
+from service.app import start
+from service.keys import Keys
+from service.localservers import RedisProcess, free_port
+from service.settings import Settings
+from tests.certs import Authority
+from tests.helpers import Delta, eventually
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = (ROOT / "docs" / "security.md").read_text()
+USERS = {"catalog-service": "SERVICE_PASSWORD", "catalog-invalidator": "INVALIDATOR_PASSWORD"}
+
+
+def acl_lines(namespace: str, passwords: dict[str, str]) -> list[list[str]]:
+    """The documented ACL SETUSER commands for ``namespace`` with the given passwords."""
+    lines = [line.split() for line in DOC.splitlines() if line.startswith("ACL SETUSER ")]
+    assert [line[2] for line in lines] == list(USERS), "docs/security.md lists both users"
+    out = []
+    for words in lines:
+        placeholder = ">" + USERS[words[2]]
+        out.append(
+            [
+                ">" + passwords[words[2]]
+                if w == placeholder
+                else w.replace("~catalog:", f"~{namespace}:")
+                for w in words
+            ]
+        )
+    return out
+
+
+@pytest.fixture
+def acl_redis(private_redis: RedisProcess) -> Iterator[tuple[RedisProcess, str, dict[str, str]]]:
+    namespace = f"acl{uuid.uuid4().hex[:8]}"
+    passwords = {user: uuid.uuid4().hex for user in USERS}
+    admin = redis_sync.Redis.from_url(private_redis.url)
+    for words in acl_lines(namespace, passwords):
+        admin.execute_command(*words)  # type: ignore[no-untyped-call]
+    admin.close()
+    yield private_redis, namespace, passwords
+
+
+def user_url(server: RedisProcess, user: str, password: str) -> str:
+    return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
+
+
+async def test_the_service_and_the_invalidator_work_under_their_acl_users(
+    acl_redis: tuple[RedisProcess, str, dict[str, str]], fresh_database_url: str, tmp_path: Path
+) -> None:
+    server, namespace, passwords = acl_redis
+    keys = Keys(namespace)
+    settings = Settings.from_env(
+        {},
+        database_url=fresh_database_url,
+        redis_url=user_url(server, "catalog-service", passwords["catalog-service"]),
+        key_namespace=namespace,
+        grpc_address="127.0.0.1:0",
+        metrics_port=0,
+    )
+    errors = Delta("catalog_redis_errors_total")
+    hits = Delta("catalog_cache_requests_total", op="get", result="hit")
+    service = await start(settings)
+    admin = Redis.from_url(server.url)
+    invalidator = None
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
+            await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
+            page = await stub.ListProducts(pb.ListProductsRequest(page_size=5), timeout=10)
+            await stub.ListProducts(
+                pb.ListProductsRequest(page_size=5, page_token=page.next_page_token), timeout=10
+            )
+            await stub.ListProducts(pb.ListProductsRequest(page_size=5), timeout=10)  # a page hit
+            await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=["p0000002", "x"]))
+            mask = field_mask_pb2.FieldMask(paths=["name"])
+            await stub.UpdateProduct(
+                pb.UpdateProductRequest(
+                    product=pb.Product(id="p0000003", name="ACL"), update_mask=mask
+                ),
+                timeout=10,
+            )
+            try:
+                await stub.RecordProductViews(
+                    pb.RecordProductViewsRequest(product_ids=["p0000001"]), timeout=10
+                )
+            except aio.AioRpcError as exc:  # served once the lead's RPC lands
+                assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert hits() >= 1, "the second read was a cache hit"
+            assert errors() == 0, "a command the service sends is missing from its ACL"
+
+            invalidator = subprocess.Popen(  # noqa: ASYNC220 (starts it, waits for nothing)
+                [sys.executable, "-m", "invalidator"],
+                env={
+                    "PATH": os.environ["PATH"],
+                    "PYTHONPATH": str(ROOT),
+                    "CATALOG_REDIS_URL": user_url(
+                        server, "catalog-invalidator", passwords["catalog-invalidator"]
+                    ),
+                    "CATALOG_DATABASE_URL": fresh_database_url,
+                    "CATALOG_KEY_NAMESPACE": namespace,
+                    "CATALOG_INVALIDATOR_CONSUMER": "acl-test",
+                    "CATALOG_INVALIDATOR_BLOCK_MS": "200",
+                    "CATALOG_INVALIDATOR_CLAIM_INTERVAL_MS": "100",
+                    "CATALOG_INVALIDATOR_STATS_INTERVAL_S": "0.2",
+                    "CATALOG_INVALIDATOR_METRICS_PORT": "0",
+                    "CATALOG_INVALIDATOR_HEALTH_ADDRESS": "",
+                    "CATALOG_LOG_LEVEL": "INFO",
+                },
+                cwd=ROOT,
+                stderr=(tmp_path / "invalidator.log").open("wb"),
+            )
+            product_key = keys.product("p0000001")
+            assert await admin.exists(product_key)
+            await Publisher(admin, keys, maxlen=10_000).publish_product_updated("p0000001")
+
+            async def consumed() -> bool:
+                groups = (
+                    await admin.xinfo_groups(keys.stream) if await admin.exists(keys.stream) else []
+                )
+                return (
+                    not await admin.exists(product_key)
+                    and bool(groups)
+                    and all(g["pending"] == 0 and g["lag"] == 0 for g in groups)
+                )
+
+            await eventually(consumed, what="the invalidator applied the event and the outbox row")
+            reply = await stub.GetProduct(pb.GetProductRequest(id="p0000003"), timeout=10)
+            assert reply.name == "ACL"
+        invalidator.send_signal(signal.SIGTERM)
+        assert invalidator.wait(30) == 0, "left the group (XGROUP DELCONSUMER) cleanly"
+        log = (tmp_path / "invalidator.log").read_text()
+        assert "NOPERM" not in log and "Traceback" not in log and " ERROR " not in log, log
+        assert " WARNING " not in log, log
+    finally:
+        if invalidator is not None and invalidator.poll() is None:
+            invalidator.kill()
+            invalidator.wait()
+        await service.stop(grace=0)
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("user", list(USERS))
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["FLUSHALL"],
+        ["FLUSHDB"],
+        ["KEYS", "*"],
+        ["CONFIG", "GET", "maxmemory"],
+        ["XGROUP", "DESTROY", "{ns}:events", "invalidator"],
+        ["GET", "other-namespace:v1:p:{p1}"],
+        ["SET", "other-namespace:x", "1"],
+        ["ACL", "LIST"],
+        ["SHUTDOWN", "NOSAVE"],
+    ],
+    ids=lambda c: " ".join(c[:2]),
+)
+def test_commands_outside_the_grants_are_refused(
+    acl_redis: tuple[RedisProcess, str, dict[str, str]], user: str, command: list[str]
+) -> None:
+    server, namespace, passwords = acl_redis
+    client = redis_sync.Redis.from_url(user_url(server, user, passwords[user]))
+    try:
+        assert client.set(f"{namespace}:v1:probe", "1"), "the user works in its namespace"
+        with pytest.raises(NoPermissionError):
+            client.execute_command(*(w.replace("{ns}", namespace) for w in command))  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisProcess, Path]]:
+    ca = Authority(tmp_path, "redis-ca")
+    cert = ca.issue("redis", server=True)
+    port = free_port()
+    server = RedisProcess(
+        tmp_path / "redis", free_port(), "--tls-port", str(port), "--tls-cert-file",
+        str(cert.cert), "--tls-key-file", str(cert.key), "--tls-ca-cert-file", str(ca.cert),
+        "--tls-auth-clients", "no",
+    )  # fmt: skip
+    server.start()
+    server.tls_port = port  # type: ignore[attr-defined]
+    yield server, ca.cert
+    server.stop()
+
+
+async def test_the_service_reads_through_rediss(
+    tls_redis: tuple[RedisProcess, Path], settings: Settings
+) -> None:
+    server, ca = tls_redis
+    url = f"rediss://127.0.0.1:{server.tls_port}/0?ssl_ca_certs={ca}"  # type: ignore[attr-defined]
+    errors = Delta("catalog_redis_errors_total")
+    hits = Delta("catalog_cache_requests_total", op="get", result="hit")
+    service = await start(settings.replace(redis_url=url, grpc_address="127.0.0.1:0"))
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            for _ in range(2):
+                await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
+        assert errors() == 0 and hits() == 1
+    finally:
+        await service.stop(grace=0)
