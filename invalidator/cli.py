@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -134,18 +133,7 @@ def _publish(base: Settings, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m invalidator", description="Configured by CATALOG_* environment variables."
-    )
-    register(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv) or ["invalidator"])
-    try:
-        base = Settings.from_env()
-    except SettingsError as exc:
-        print(f"invalidator: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=base.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    handler: Handler = args.handler
-    return handler(base, args)
+    """``python -m invalidator [COMMAND ...]``: the ``catalog`` CLI, ``invalidator`` by default."""
+    from service.cli import main as catalog_main
+
+    return catalog_main(list(sys.argv[1:] if argv is None else argv) or ["invalidator"])

@@ -8,6 +8,7 @@ data: every test gets its own Redis key namespace, so nothing is ever flushed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from service.localservers import RedisProcess
 from service.settings import Settings
+from tests.helpers import delete_namespace
 
 SEED_PRODUCTS = 300
 
@@ -82,9 +84,9 @@ def pg_base_url() -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def database_url(pg_base_url: str) -> Iterator[str]:
-    """A migrated database seeded with SEED_PRODUCTS products (seed 42), shared read-only."""
+@contextlib.contextmanager
+def seeded_database(pg_base_url: str) -> Iterator[str]:
+    """A new database, migrated and seeded with SEED_PRODUCTS products (seed 42); dropped after."""
     from service.migrations import upgrade
     from service.seed import seed_catalog
 
@@ -95,21 +97,20 @@ def database_url(pg_base_url: str) -> Iterator[str]:
         yield url
     finally:
         drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_base_url: str) -> Iterator[str]:
+    """The session's seeded database, shared read-only."""
+    with seeded_database(pg_base_url) as url:
+        yield url
 
 
 @pytest.fixture
 def fresh_database_url(pg_base_url: str) -> Iterator[str]:
-    """A migrated, seeded database of this test's own, which it may write to."""
-    from service.migrations import upgrade
-    from service.seed import seed_catalog
-
-    url = create_database(pg_base_url)
-    try:
-        upgrade(url)
-        seed_catalog(url, products=SEED_PRODUCTS, seed=42)
+    """A seeded database of this test's own, which it may write to."""
+    with seeded_database(pg_base_url) as url:
         yield url
-    finally:
-        drop_database(url)
 
 
 @pytest.fixture
@@ -141,9 +142,7 @@ async def redis_client(settings: Settings) -> AsyncIterator[object]:
     patient = settings.replace(redis_connect_timeout_s=5.0, redis_pool_timeout_s=30.0)
     client = create_redis(patient, socket_timeout=5.0)
     yield client
-    keys = [k async for k in client.scan_iter(match=f"{settings.key_namespace}:*", count=1000)]
-    if keys:
-        await client.delete(*keys)
+    await delete_namespace(client, settings.key_namespace)
     await client.aclose()
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 
 def metric(name: str, **labels: str) -> float:
@@ -40,3 +41,10 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout}s")
         await asyncio.sleep(interval)
+
+
+async def delete_namespace(client: Redis, namespace: str) -> None:
+    """Delete every key a test made under its own namespace (never anything else)."""
+    made = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    if made:
+        await client.delete(*made)

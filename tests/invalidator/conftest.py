@@ -19,6 +19,7 @@ from invalidator.worker import redis_clients
 from service.cache.store import CacheStore, FillItem
 from service.keys import Keys, Tag
 from service.settings import Settings
+from tests.helpers import delete_namespace
 
 FAST = {
     "invalidator_block_ms": 200,
@@ -47,9 +48,7 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     """A client on the shared Redis; deletes this test's namespace (keys and streams) after."""
     client = Redis.from_url(settings.redis_url)
     yield client
-    made = [k async for k in client.scan_iter(match=f"{settings.key_namespace}:*", count=1000)]
-    if made:
-        await client.delete(*made)
+    await delete_namespace(client, settings.key_namespace)
     await client.aclose()
 
 
