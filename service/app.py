@@ -112,8 +112,8 @@ async def start(
     store = create_store(redis, settings) if settings.cache_enabled else None
     reader = Reader(store, repo, keys, settings)
     writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
-    api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer)
-    api.views = ViewCounter(redis, keys)
+    views = ViewCounter(redis, keys)
+    api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer, views)
 
     server = aio.server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -22,7 +22,13 @@ from service import deadlines, validation
 from service.cache import wire
 from service.cache.reader import Reader
 from service.db import is_connection_error
-from service.errors import Aborted, InvalidArgument, NotFound, Unavailable
+from service.errors import (
+    Aborted,
+    CountersUnavailable,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from service.metrics import RPC_LATENCY
 from service.pagetokens import PageTokens
 from service.views import ViewCounter
@@ -37,13 +43,15 @@ _NOT_FOUND_RESULT = wire.field(3, b"")  # google.protobuf.Empty
 
 
 class CatalogApi:
-    """The three read RPCs; each returns the serialized response message."""
+    """The CatalogService RPCs; each returns its serialized response message."""
 
-    def __init__(self, reader: Reader, tokens: PageTokens, writer: ProductWriter) -> None:
+    def __init__(
+        self, reader: Reader, tokens: PageTokens, writer: ProductWriter, views: ViewCounter
+    ) -> None:
         self.reader = reader
         self.tokens = tokens
-        self.views: ViewCounter | None = None  # set by app.start: RecordProductViews
         self.writer = writer
+        self.views = views
 
     async def get_product(self, request: pb.GetProductRequest) -> bytes:
         product_id = validation.check_id(request.id)
@@ -81,7 +89,6 @@ class CatalogApi:
 
     async def record_product_views(self, request: pb.RecordProductViewsRequest) -> bytes:
         ids = validation.view_ids(request.product_ids)
-        assert self.views is not None, "CatalogApi built without a ViewCounter"
         recorded = await self.views.record(ids)
         return pb.RecordProductViewsResponse(recorded=recorded).SerializeToString()
 
@@ -95,6 +102,8 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    if isinstance(exc, CountersUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Unavailable) or is_connection_error(exc):
         return grpc.StatusCode.UNAVAILABLE, "the catalog database is unavailable; retry later"
     log.exception("internal error", exc_info=exc)

@@ -60,8 +60,11 @@ def parse_update(request: pb.UpdateProductRequest) -> Change:
         raise InvalidArgument("update_mask must name at least one field")
     unknown = sorted(set(paths) - set(UPDATABLE))
     if unknown:
+        # Name a few, shortened: the details travel in a header of bounded size.
+        named = ", ".join(repr(p[:30]) for p in unknown[:3]) + (", ..." if unknown[3:] else "")
         raise InvalidArgument(
-            f"update_mask names unknown or read-only fields {unknown}; allowed: {list(UPDATABLE)}"
+            f"update_mask names unknown or read-only fields ({named}); "
+            f"allowed: {', '.join(UPDATABLE)}"
         )
     values: dict[str, Any] = {}
     if "name" in paths:
