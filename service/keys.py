@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-SCHEMA = "v1"
+SCHEMA = "v2"
 LEASE_SUFFIX = ":lease"
 # Stored in a product key for an id that does not exist. Real entries are serialized Products,
 # which always start with field 1 (the id), so they can never be empty.
@@ -65,18 +65,6 @@ class Tag:
     @staticmethod
     def list_all() -> Tag:
         return Tag("list:all")
-
-    @property
-    def list_filter(self) -> tuple[str, str] | None:
-        """(category, brand) of the list pages this tag tracks ("" = not filtered on it); None
-        for tags of product entries. A page filtered on both is in one tag of each kind."""
-        kind, _, value = self.name.partition(":")
-        if kind != "list":
-            return None
-        if value == "all":
-            return "", ""
-        field, _, target = value.partition(":")
-        return (target, "") if field == "category" else ("", target)
 
     @property
     def product_id(self) -> str:
@@ -139,16 +127,6 @@ class Keys:
     def page_pattern(self) -> str:
         """SCAN MATCH pattern of list pages (their leases match too: filter them out)."""
         return _glob_escape(self._prefix) + "l:{*}*"
-
-    @property
-    def list_tag_pattern(self) -> str:
-        """SCAN MATCH pattern of the tag sets that track list pages."""
-        return _glob_escape(self.tag(Tag("list:"))) + "*"
-
-    def tag_of(self, tag_key: str) -> Tag | None:
-        """The tag a tag-set key stands for; None for any other key."""
-        start = self._prefix + "t:"
-        return Tag(tag_key[len(start) :]) if tag_key.startswith(start) else None
 
     @property
     def product_key_parts(self) -> tuple[str, str]:

@@ -62,3 +62,30 @@ def should_refresh(
     if beta <= 0.0:
         return False
     return now_ms - load_ms * beta * math.log(1.0 - rand.random()) >= fresh_until
+
+
+class PageBody(NamedTuple):
+    """A list page's payload: its ids and next position, and the request that produced it (so
+    ``catalog verify`` can recompute it exactly; the key itself is a hash)."""
+
+    next_after_id: str
+    ids: list[str]
+    category_id: str
+    brand_id: str
+    after_id: str
+    size: int
+
+
+def pack_page(body: PageBody) -> bytes:
+    """``next \\n id,id,... \\n category \\n brand \\n after \\n size``: ids never contain a
+    newline or a comma (validated), and ASSEMBLE_PAGE reads the ids between the first two
+    newlines."""
+    fields = (body.next_after_id, ",".join(body.ids), body.category_id, body.brand_id)
+    return "\n".join((*fields, body.after_id, str(body.size))).encode()
+
+
+def unpack_page(page_payload: bytes) -> PageBody:
+    next_after, id_list, category, brand, after, size = page_payload.decode().split("\n")
+    return PageBody(
+        next_after, id_list.split(",") if id_list else [], category, brand, after, int(size)
+    )

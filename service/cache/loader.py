@@ -123,9 +123,9 @@ class Loader:
         )
         load_ms = max(1, round((time.perf_counter() - started) * 1000))
         next_after = ids[size - 1] if len(ids) > size else ""
-        body = (next_after + "\n" + ",".join(ids[:size])).encode()
+        body = entry.PageBody(next_after, ids[:size], category_id, brand_id, after_id, size)
         fresh_ms, ttl_ms = self._ttls(self.settings.page_ttl_s, self.settings.page_stale_s, None)
-        data = entry.pack(body, 0, fresh_ms, load_ms)
+        data = entry.pack(entry.pack_page(body), 0, fresh_ms, load_ms)
         await self._fill(acquired, [FillItem(page_key, data, ttl_ms, tags)])
         return True
 

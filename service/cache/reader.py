@@ -231,7 +231,8 @@ class Reader:
         return Page([p.data for p in rows[:page_size]], next_after)
 
     async def _complete_page(self, loader: Loader, reply: list[bytes | None]) -> Page:
-        head, _, id_list = (reply[0] or b"")[_H:].partition(b"\n")
+        head, _, rest = (reply[0] or b"")[_H:].partition(b"\n")
+        id_list = rest.partition(b"\n")[0]
         ids = id_list.decode().split(",") if id_list else []
         found = self._cached_products(ids, reply[1:])
         missing = [i for i in ids if i not in found]

@@ -148,14 +148,16 @@ return n
 )
 
 # KEYS: page key.  ARGV: product key prefix, product key suffix, entry header length.
-# A page entry's payload is "<next_after_id>\n<id>,<id>,...". Returns false on a miss, else
+# A page entry's payload starts "<next_after_id>\n<id>,<id>,...\n" (service/cache/entry.py
+# pack_page); the ids are read between the first two newlines. Returns false on a miss, else
 # {page, product1 or false, product2 or false, ...} in page order.
 ASSEMBLE_PAGE = """
 local page = redis.call('GET', KEYS[1])
 if not page then return false end
 local nl = string.find(page, '\\n', tonumber(ARGV[3]) + 1, true)
+local ids_end = string.find(page, '\\n', nl + 1, true) or (#page + 1)
 local keys = {}
-for id in string.gmatch(string.sub(page, nl + 1), '[^,]+') do
+for id in string.gmatch(string.sub(page, nl + 1, ids_end - 1), '[^,]+') do
   keys[#keys + 1] = ARGV[1] .. id .. ARGV[2]
 end
 if #keys == 0 then return {page} end

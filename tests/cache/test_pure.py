@@ -172,3 +172,14 @@ async def test_singleflight_background_load_outlives_a_caller_that_leaves() -> N
     await asyncio.sleep(0)
     gate.set()
     assert await flight.do("k", load) == 3
+
+
+def test_page_body_round_trips_and_keeps_ids_between_the_first_two_newlines() -> None:
+    from service.cache import entry
+
+    body = entry.PageBody("p0000040", ["p0000021", "p0000030"], "c1", "", "p0000020", 2)
+    packed = entry.pack_page(body)
+    assert entry.unpack_page(packed) == body
+    assert packed.split(b"\n")[1] == b"p0000021,p0000030"
+    empty = entry.PageBody("", [], "", "b9", "", 20)
+    assert entry.unpack_page(entry.pack_page(empty)) == empty
