@@ -3,8 +3,8 @@
 The ``ACL SETUSER`` lines are read from that page (so the page cannot drift from what is
 tested), applied to a private redis-server with this test's namespace and passwords, and the two
 processes run under them: every RPC, a cache hit, an outbox relay, an invalidation and a clean
-leave of the group, with no Redis error counted or logged. Then the commands neither may run
-are refused with NOPERM. Last, the service reads through ``rediss://``.
+leave of the group, with nothing in Redis's ACL LOG (where every refusal is recorded). Then the
+commands neither may run are refused with NOPERM. Last, the service reads through ``rediss://``.
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
         grpc_address="127.0.0.1:0",
         metrics_port=0,
     )
-    errors = Delta("catalog_redis_errors_total")
     hits = Delta("catalog_cache_requests_total", op="get", result="hit")
     service = await start(settings)
     admin = Redis.from_url(server.url)
@@ -116,7 +115,6 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
             except aio.AioRpcError as exc:  # served once the lead's RPC lands
                 assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
             assert hits() >= 1, "the second read was a cache hit"
-            assert errors() == 0, "a command the service sends is missing from its ACL"
 
             invalidator = subprocess.Popen(  # noqa: ASYNC220 (starts it, waits for nothing)
                 [sys.executable, "-m", "invalidator"],
@@ -153,14 +151,19 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
                     and all(g["pending"] == 0 and g["lag"] == 0 for g in groups)
                 )
 
-            await eventually(consumed, what="the invalidator applied the event and the outbox row")
+            await eventually(
+                consumed, timeout=60, what="the invalidator applied the event and the outbox row"
+            )
             reply = await stub.GetProduct(pb.GetProductRequest(id="p0000003"), timeout=10)
             assert reply.name == "ACL"
         invalidator.send_signal(signal.SIGTERM)
         assert invalidator.wait(30) == 0, "left the group (XGROUP DELCONSUMER) cleanly"
         log = (tmp_path / "invalidator.log").read_text()
+        # Redis records every command and key an ACL refused: a missing grant shows up here even
+        # where the service only falls back to PostgreSQL.
+        denied = await admin.acl_log()
+        assert denied == [], f"refused by the documented ACLs: {denied}"
         assert "NOPERM" not in log and "Traceback" not in log and " ERROR " not in log, log
-        assert " WARNING " not in log, log
     finally:
         if invalidator is not None and invalidator.poll() is None:
             invalidator.kill()
