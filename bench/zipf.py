@@ -11,8 +11,6 @@ to land). The server (cache on) and one invalidator relaying the outbox run as u
 from __future__ import annotations
 
 import asyncio
-import bisect
-import itertools
 import json
 import random
 import subprocess
@@ -20,7 +18,6 @@ import sys
 import time
 from typing import Any
 
-import sqlalchemy as sa
 from grpc import aio
 
 from bench.environment import PRODUCTS, BenchEnv
@@ -30,27 +27,17 @@ from bench.report import Row
 from bench.rpc import server
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.outbox import add_to_outbox
 from service.db import create_engine
 from service.serverprocess import scrape
 from service.settings import Settings
+from service.workload import update_through_outbox, zipf_draws
 
 SETTLE_S = 1.0
-UPDATE = sa.text(
-    "UPDATE products SET stock = stock + 1, version = version + 1, updated_at = now() "
-    "WHERE id = :id RETURNING version, category_id, brand_id"
-)
 
 
 def sampler(seed: int = 7) -> list[str]:
     """200k ids drawn Zipf(1.1) over all products, hot ranks scattered over the id space."""
-    rng = random.Random(seed)
-    ids = [f"p{i:07d}" for i in range(1, PRODUCTS + 1)]
-    rng.shuffle(ids)
-    cumulative = list(itertools.accumulate(1 / (k**1.1) for k in range(1, PRODUCTS + 1)))
-    total = cumulative[-1]
-    return [ids[bisect.bisect_left(cumulative, rng.random() * total)] for _ in range(200_000)]
+    return zipf_draws([f"p{i:07d}" for i in range(1, PRODUCTS + 1)], 200_000, seed=seed)
 
 
 async def mixed(spec: dict[str, Any]) -> dict[str, Any]:
@@ -68,12 +55,10 @@ async def mixed(spec: dict[str, Any]) -> dict[str, Any]:
             await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=ids))
 
         async def update(product_id: str) -> None:
-            async with engine.begin() as conn:
-                version, category, brand = (await conn.execute(UPDATE, {"id": product_id})).one()
-                event = new_event(PRODUCT_UPDATED, product_id=product_id, category_id=category,
-                                  brand_id=brand, version=version)  # fmt: skip
-                await add_to_outbox(conn, event)
-            committed[product_id] = (version, time.perf_counter())
+            committed[product_id] = (
+                await update_through_outbox(engine, product_id),
+                time.perf_counter(),
+            )
 
         async def read(product_id: str) -> None:
             before = committed.get(product_id)

@@ -11,6 +11,7 @@ import asyncio
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -206,3 +207,15 @@ async def wait_until(
         if time.monotonic() - started > timeout:
             raise AssertionError(f"{what} did not happen within {timeout}s")
         await asyncio.sleep(0.01)
+
+
+async def pause_process(proc: subprocess.Popen[bytes], seconds: float) -> tuple[float, float]:
+    """SIGSTOP ``proc`` for ``seconds`` (a fault length the issue prescribes), then SIGCONT;
+    returns when it was stopped and resumed (``time.monotonic()``)."""
+    proc.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    return stopped_at, time.monotonic()

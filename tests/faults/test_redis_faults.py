@@ -1,7 +1,10 @@
-"""Redis killed, then back empty, then paused, under a 20 s read load on a service process.
+"""Redis faults under a read load on a service process: killed, then back empty, then paused by
+CLIENT PAUSE; paused by SIGSTOP; and restarted empty under a running invalidator.
 
 Acceptance figures (issue #6): 0 failed reads while Redis is gone (served from PostgreSQL); hits
-resume within 5 s of Redis' return; while Redis is paused 2 s no read exceeds its deadline.
+resume within 5 s of Redis' return; while Redis is paused 2 s no read exceeds its deadline; after
+a restart that loses the stream and its group, the invalidator recreates the group, the events
+published afterwards are applied and acked, and the cold cache is correct (``verify``: 0 stale).
 The deadline of every read is 2 s. A read that falls back pays at most the Redis command timeout
 (0.25 s) and a lease wait of at most half its remaining time (service/deadlines.py) before
 PostgreSQL, so it fits any deadline by construction; 2 s rather than the 0.5 s callers use
@@ -14,17 +17,41 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from grpc import aio
 from redis.asyncio import Redis
 
+from catalog.v1 import catalog_pb2 as pb
+from catalog.v1 import catalog_pb2_grpc
+from service.db import create_engine
+from service.keys import Keys
 from service.localservers import RedisProcess
 from service.serverprocess import ServerProcess
 from service.settings import Settings
-from tests.faults.conftest import ReadLoad, wait_until
+from service.verify import render, verify
+from service.workload import update_through_outbox
+from tests.faults.conftest import (
+    PRODUCT_IDS,
+    Invalidators,
+    Outcome,
+    ReadLoad,
+    pause_process,
+    wait_until,
+)
+from tests.invalidator.conftest import group_info
+from tests.invalidator.test_processes import drained
 
 pytestmark = pytest.mark.fault
 LOAD_SECONDS = 20.0
 DEADLINE_S = 2.0
 HITS_RESUME_S = 5.0
+PAUSE_S = 2.0
+
+
+def reads_during_pause(
+    outcomes: list[Outcome], paused_at: float, resumed_at: float
+) -> list[Outcome]:
+    """Reads whose deadline overlaps the pause: started at most DEADLINE_S before it, or in it."""
+    return [o for o in outcomes if paused_at - DEADLINE_S <= o.started <= resumed_at]
 
 
 @pytest.fixture
@@ -76,7 +103,7 @@ async def test_reads_never_fail_while_redis_is_killed_restarted_empty_and_paused
 
     outcomes = await load.wait()
     codes = load.codes()
-    during_pause = [o for o in outcomes if paused_at - DEADLINE_S <= o.started <= unpaused_at]
+    during_pause = reads_during_pause(outcomes, paused_at, unpaused_at)
     print(
         f"\n{len(outcomes)} reads in {LOAD_SECONDS:.0f} s: {dict(codes)}; Redis down "
         f"{back_at - killed_at:.2f} s, hits resumed {resumed_s:.2f} s after its return; "
@@ -95,3 +122,117 @@ async def test_reads_never_fail_while_redis_is_killed_restarted_empty_and_paused
     )
     assert during_pause
     assert max(o.seconds for o in outcomes) < DEADLINE_S
+
+
+async def test_no_read_exceeds_its_deadline_while_redis_is_sigstopped(
+    server: ServerProcess, private_redis: RedisProcess
+) -> None:
+    """SIGSTOP, unlike CLIENT PAUSE, also stops Redis accepting connections and answering PING."""
+
+    def count(result: str) -> float:
+        return server.metric("catalog_cache_requests_total", op="get", result=result)
+
+    load = ReadLoad(server.target, deadline_s=DEADLINE_S, max_seconds=LOAD_SECONDS).start()
+    await wait_until(lambda: count("hit") > 500, 15, "a warm cache")
+    bypassed = count("bypass")
+    assert private_redis.proc is not None
+    paused_at, resumed_at = await pause_process(private_redis.proc, PAUSE_S)
+    await wait_until(
+        lambda: load.codes(since=resumed_at)["OK"] >= 200, 15, "reads served after the pause"
+    )
+    outcomes = await load.stop()
+
+    during = reads_during_pause(outcomes, paused_at, resumed_at)
+    print(
+        f"\n{len(outcomes)} reads: {dict(load.codes())}; stopped {resumed_at - paused_at:.2f} s, "
+        f"{len(during)} reads then ({count('bypass') - bypassed:.0f} served from PostgreSQL), "
+        f"slowest {max(o.seconds for o in during) * 1000:.0f} ms of {DEADLINE_S * 1000:.0f}"
+    )
+    assert load.codes().keys() == {"OK"}, load.codes()
+    assert during
+    assert count("bypass") > bypassed, "reads fell back to PostgreSQL while Redis was stopped"
+    assert max(o.seconds for o in outcomes) < DEADLINE_S
+
+
+@pytest.fixture
+def writable(
+    settings: Settings, private_redis: RedisProcess, fresh_database_url: str
+) -> Iterator[ServerProcess]:
+    """A service process on the private Redis and a database of this test's own."""
+    proc = ServerProcess(
+        settings.replace(redis_url=private_redis.url, database_url=fresh_database_url)
+    )
+    yield proc.start()
+    proc.stop()
+
+
+async def test_invalidator_recreates_its_group_when_redis_restarts_empty_and_cache_stays_correct(
+    writable: ServerProcess, private_redis: RedisProcess, invalidators: Invalidators
+) -> None:
+    s = writable.settings
+    keys = Keys(s.key_namespace)
+    invalidators.settings = s
+    consumer = invalidators.start("only")  # relays the outbox too
+    redis = Redis.from_url(private_redis.url, socket_timeout=5)
+    engine = create_engine(s)
+    ids = PRODUCT_IDS[:50]
+    try:
+        async with aio.insecure_channel(writable.target) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+
+            async def versions() -> dict[str, int]:
+                reply = await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=ids), timeout=5)
+                return {r.product.id: r.product.version for r in reply.results}
+
+            async def cached() -> bool:
+                await versions()
+                return bool(await redis.exists(*map(keys.product, ids)) == len(ids))
+
+            async def applied(events: int) -> bool:
+                gone = not await redis.exists(*map(keys.product, ids))
+                return gone and await drained(redis, keys, events)
+
+            async def update_all() -> dict[str, int]:
+                return {pid: await update_through_outbox(engine, pid) for pid in ids}
+
+            # Before the restart the pipeline works: outbox -> relay -> stream -> group -> keys.
+            await wait_until(cached, 15, "the products cached")
+            await update_all()
+            await wait_until(lambda: applied(len(ids)), 30, "the events applied")
+
+            private_redis.stop()
+            private_redis.start()
+            restarted_at = time.monotonic()
+            await redis.aclose()  # its connections died with the server
+            redis = Redis.from_url(private_redis.url, socket_timeout=5)
+            assert [k async for k in redis.scan_iter(match=keys.product_pattern)] == []
+            # Its next XREADGROUP gets NOGROUP: the consumer recreates the group (from id 0).
+            recreated_s = await wait_until(
+                lambda: _group_exists(redis, keys), 15, "the group recreated"
+            )
+
+            await wait_until(cached, 15, "the products cached again (cold cache refilled)")
+            committed = await update_all()
+            published_at = time.monotonic()
+            applied_s = await wait_until(
+                lambda: applied(len(ids)), 30, "the events published after the restart applied"
+            )
+            assert await versions() == committed, "reads return the data committed last"
+            report = await verify(redis, engine, keys)
+        print(
+            f"\ngroup recreated {recreated_s:.2f} s after Redis was back; {len(ids)} events "
+            f"published after it applied and acked in {applied_s:.2f} s "
+            f"({published_at - restarted_at:.2f} s after the restart)\n"
+            f"{render(report, s.key_namespace)}"
+        )
+        assert report.products >= len(ids)
+        assert report.stale == []
+        assert (await group_info(redis, keys))["pending"] == 0
+        assert consumer.poll() is None, "the invalidator kept running"
+    finally:
+        await engine.dispose()
+        await redis.aclose()
+
+
+async def _group_exists(redis: Redis, keys: Keys) -> bool:
+    return int((await group_info(redis, keys))["pending"]) >= 0

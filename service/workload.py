@@ -1,0 +1,52 @@
+"""The Zipf read/update workload's building blocks, shared by the benchmark suite and the fault
+tests (never production): which products are drawn, and how a writer elsewhere changes one.
+
+* :func:`zipf_draws`: ids drawn Zipf(s) by rank, the ranks scattered over the id space by a
+  seeded shuffle, so the hot set is not one id range (nor one list page).
+* :func:`update_through_outbox`: the change a writer outside the service makes: stock and version
+  bumped and its ``product.updated`` event queued in the same transaction (transactional outbox);
+  the invalidator's relay publishes it after COMMIT.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from invalidator.events import PRODUCT_UPDATED, new_event
+from invalidator.outbox import add_to_outbox
+
+UPDATE = sa.text(
+    "UPDATE products SET stock = stock + 1, version = version + 1, updated_at = now() "
+    "WHERE id = :id RETURNING version, category_id, brand_id"
+)
+
+
+def zipf_draws(ids: Sequence[str], n: int, s: float = 1.1, seed: int = 7) -> list[str]:
+    """``n`` ids drawn Zipf(``s``) over ``ids``; the same arguments give the same draws."""
+    rng = random.Random(seed)
+    ranked = list(ids)
+    rng.shuffle(ranked)
+    cumulative = list(itertools.accumulate(1 / (k**s) for k in range(1, len(ranked) + 1)))
+    total = cumulative[-1]
+    return [ranked[bisect.bisect_left(cumulative, rng.random() * total)] for _ in range(n)]
+
+
+async def update_through_outbox(engine: AsyncEngine, product_id: str) -> int:
+    """Bump ``product_id``'s stock and queue its event in one transaction; the new version."""
+    async with engine.begin() as conn:
+        version, category, brand = (await conn.execute(UPDATE, {"id": product_id})).one()
+        event = new_event(
+            PRODUCT_UPDATED,
+            product_id=product_id,
+            category_id=category,
+            brand_id=brand,
+            version=version,
+        )
+        await add_to_outbox(conn, event)
+    return int(version)
