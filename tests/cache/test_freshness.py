@@ -155,3 +155,15 @@ async def test_hot_key_is_refreshed_before_expiry_so_readers_never_miss(
         await asyncio.sleep(0.001)
     assert refreshes() >= 2, "the key outlived two TTLs only through early refreshes"
     assert misses() == 0
+
+
+def test_xfetch_draws_nothing_beyond_its_horizon() -> None:
+    """Further than delta * beta * XFETCH_HORIZON from expiry no draw could pick the entry
+    (probability exp(-30)): none is made, so the hit path skips the random number."""
+    rand = random.Random(7)
+    state = rand.getstate()
+    horizon_ms = 10 * 2.0 * entry.XFETCH_HORIZON
+    assert not entry.should_refresh(1000.0 - horizon_ms - 1, 1000, 10, 2.0, rand)
+    assert rand.getstate() == state
+    entry.should_refresh(1000.0 - horizon_ms, 1000, 10, 2.0, rand)
+    assert rand.getstate() != state
