@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 
 def free_port() -> int:
@@ -213,6 +213,11 @@ class PostgresCluster:
     def is_running(self) -> bool:
         return self._postmaster_pid() is not None
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs."""
+        return self._postmaster_pid()
+
     def __enter__(self) -> PostgresCluster:
         return self.start()
 
@@ -252,14 +257,16 @@ class PostgresCluster:
 
     def _run(self, cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         """Run a server binary as its owner; output goes to a file, never a pipe (see below)."""
-        as_owner: dict[str, Any] = {}
         if os.geteuid() == 0:
-            as_owner = {"user": "postgres", "group": "postgres", "extra_groups": []}
+            # runuser, not subprocess's user=: switching ids in the child forces a full fork(),
+            # which runs every pthread_atfork handler (gRPC's included) in a process whose other
+            # threads are live and can crash the child before exec; a plain spawn avoids that.
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
         # The postmaster pg_ctl leaves behind must not inherit a pipe we wait on.
         with tempfile.TemporaryFile() as out:
             done = subprocess.run(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.workdir, check=False, **as_owner,
+                cwd=self.workdir, check=False,
             )  # fmt: skip
             if check and done.returncode != 0:
                 out.seek(0)
