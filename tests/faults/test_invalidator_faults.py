@@ -7,7 +7,6 @@ Acceptance figures (issue #6): 100% of the events acked, the pending list empty,
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
 import pytest
@@ -28,8 +27,7 @@ from tests.faults.conftest import (
     start_service,
     wait_until,
 )
-from tests.invalidator.conftest import group_info
-from tests.invalidator.test_processes import consumer_pending, drained, stop_holding_entries
+from tests.invalidator.test_processes import consumer_pending, drained
 
 pytestmark = pytest.mark.fault
 TOTAL = 10_000
@@ -56,15 +54,10 @@ async def test_two_invalidators_one_stopped_one_killed_ack_everything_and_leave_
     engine = create_engine(s)
     publisher = Publisher(redis_client, keys, maxlen=100_000)
 
-    second_half = asyncio.Event()
-
-    async def write_and_publish() -> None:
-        """Each event follows a committed change of its product (stock and version). The second
-        half waits for ``second_half``, so the second fault meets a consumer with work."""
-        for start in range(0, TOTAL, CHUNK):
-            if start == TOTAL // 2:
-                await second_half.wait()
-            ids = [PRODUCT_IDS[i % len(PRODUCT_IDS)] for i in range(start, start + CHUNK)]
+    async def publish(start: int, end: int) -> None:
+        """Events ``start..end``, each after a committed change of its product (stock, version)."""
+        for first_id in range(start, end, CHUNK):
+            ids = [PRODUCT_IDS[i % len(PRODUCT_IDS)] for i in range(first_id, first_id + CHUNK)]
             async with engine.begin() as conn:
                 await conn.execute(
                     sa.text(
@@ -75,22 +68,37 @@ async def test_two_invalidators_one_stopped_one_killed_ack_everything_and_leave_
                 )
             await publisher.publish_many(new_event(PRODUCT_UPDATED, product_id=i) for i in ids)
 
-    async def read_at_least(n: int) -> bool:
-        return int((await group_info(redis_client, keys)).get("entries-read") or 0) >= n
+    async def freeze_holding(victim: str) -> int:
+        """Both consumers are frozen and new events wait in the stream: read a batch in the
+        victim's name, which is what a consumer that read a batch and then froze leaves behind
+        (their outstanding blocking reads may also have been served while frozen)."""
+        await redis_client.xreadgroup(keys.group, victim, {keys.stream: ">"}, count=50)
+        return await consumer_pending(redis_client, keys, victim)
 
+    fifth = TOTAL // 5
     try:
-        writer = asyncio.create_task(write_and_publish())
-        await wait_until(lambda: read_at_least(TOTAL // 5), 60, "a fifth of the events read")
-        held = await stop_holding_entries(redis_client, keys, second, "second")
+        await publish(0, fifth)
+        await wait_until(lambda: drained(redis_client, keys, fifth), 60, "the first fifth acked")
+
+        for proc in (first, second):
+            proc.send_signal(signal.SIGSTOP)
+        await publish(fifth, 2 * fifth)
+        held = await freeze_holding("second")
+        first.send_signal(signal.SIGCONT)  # `second` stays stopped: `first` must reclaim
         await wait_until(
             lambda: _pending_is(redis_client, keys, "second", 0), 30, "its entries reclaimed"
         )
         second.send_signal(signal.SIGCONT)
-        second_half.set()
-        killed_holding = await stop_holding_entries(redis_client, keys, first, "first")
+        await publish(2 * fifth, 3 * fifth)
+
+        for proc in (first, second):
+            proc.send_signal(signal.SIGSTOP)
+        await publish(3 * fifth, 4 * fifth)
+        killed_holding = await freeze_holding("first")
         first.kill()
         first.wait()
-        await writer
+        second.send_signal(signal.SIGCONT)
+        await publish(4 * fifth, TOTAL)
         await wait_until(lambda: drained(redis_client, keys, TOTAL), 120, "every event acked")
     finally:
         await load.stop()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,18 +71,26 @@ async def consumer_pending(redis: Redis, keys: Keys, name: str) -> int:
 async def stop_holding_entries(
     redis: Redis, keys: Keys, proc: subprocess.Popen[bytes], name: str
 ) -> int:
-    """SIGSTOP ``proc`` at a moment it holds delivered, unacked entries; returns how many."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    """SIGSTOP ``proc`` so that entries delivered to it stay unacked; returns how many it holds.
+
+    If the frozen consumer holds nothing of its own (a fast consumer holds a batch only
+    briefly), a batch of undelivered entries is read in its name: exactly what a consumer that
+    read a batch and then froze leaves behind. So the outcome never depends on catching a short
+    window, only on the stream still having undelivered entries.
+    """
+    async def joined() -> bool:  # it reads, so its signal handlers are in place
         assert proc.poll() is None
-        if not await consumer_pending(redis, keys, name):
-            continue  # let it run freely until it holds something
-        proc.send_signal(signal.SIGSTOP)
-        held = await consumer_pending(redis, keys, name)  # it may have acked meanwhile
-        if held:
-            return held
-        proc.send_signal(signal.SIGCONT)
-    raise AssertionError(f"{name} never held pending entries")
+        consumers = await redis.xinfo_consumers(keys.stream, keys.group)
+        return any(c["name"].decode() == name for c in consumers)
+
+    await eventually(joined, what=f"{name} to join the group")
+    proc.send_signal(signal.SIGSTOP)
+    if held := await consumer_pending(redis, keys, name):
+        return held
+    await redis.xreadgroup(keys.group, name, {keys.stream: ">"}, count=50)
+    held = await consumer_pending(redis, keys, name)
+    assert held, f"{name} holds nothing and the stream had no undelivered entries to give it"
+    return held
 
 
 async def drained(redis: Redis, keys: Keys, total: int) -> bool:
