@@ -218,11 +218,6 @@ class PostgresCluster:
         """The postmaster's pid while it runs."""
         return self._postmaster_pid()
 
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's pid while it runs."""
-        return self._postmaster_pid()
-
     def __enter__(self) -> PostgresCluster:
         return self.start()
 
