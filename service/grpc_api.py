@@ -111,19 +111,27 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _unary(method: str, fn: Callable[[Any], Awaitable[bytes]]) -> Handler:
-    """Wrap a handler: deadline, status mapping, latency histogram. No interceptor needed."""
+    """Wrap a handler: deadline, status mapping, latency histogram. No interceptor needed.
+
+    The deadline needs no timer of ours: when it passes, gRPC cancels the call's task (the
+    client has its DEADLINE_EXCEEDED already), so the work stops there, a PostgreSQL query
+    included. The cancellation is counted as DEADLINE_EXCEEDED when the deadline has passed.
+    (A per-call ``asyncio.timeout`` did the same at a cost of about 4 us per call.)
+    """
     ok = RPC_LATENCY.labels(method, "OK")
+    late = RPC_LATENCY.labels(method, grpc.StatusCode.DEADLINE_EXCEEDED.name)
 
     async def handle(request: Any, context: aio.ServicerContext[Any, bytes]) -> bytes:
         start = perf_counter()
         remaining = context.time_remaining()
         deadlines.set_remaining(remaining)  # each call runs in its own task (and context)
         try:
-            if remaining is None:
-                result = await fn(request)
-            else:
-                async with asyncio.timeout(remaining):
-                    result = await fn(request)
+            result = await fn(request)
+        except asyncio.CancelledError:
+            took = perf_counter() - start
+            if remaining is not None and took >= remaining:
+                late.observe(took)
+            raise
         except Exception as exc:
             code, details = _status_of(exc)
             RPC_LATENCY.labels(method, code.name).observe(perf_counter() - start)

@@ -20,7 +20,7 @@ from service.localservers import free_port
 from service.repository import LoadedProduct, Repository
 from service.settings import Settings
 from tests.conftest import SEED_PRODUCTS
-from tests.helpers import Delta, db_loads
+from tests.helpers import Delta, db_loads, eventually
 
 if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
@@ -227,9 +227,17 @@ async def test_deadline_and_overload_statuses(settings: Settings, fresh_database
     async for _svc, stub in _started(settings, **changes):
         with psycopg.connect(conninfo(fresh_database_url)) as locker:
             locker.execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+            late = Delta(
+                "catalog_rpc_duration_seconds_count", method="GetProduct", code="DEADLINE_EXCEEDED"
+            )
             with pytest.raises(aio.AioRpcError) as err:
                 await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+            async def counted() -> bool:  # the server stopped the call and counted it
+                return late() == 1
+
+            await eventually(counted, what="DEADLINE_EXCEEDED counted")
 
             blocked = asyncio.ensure_future(stub.GetProduct(pb.GetProductRequest(id="p0000002")))
             loads = Delta("catalog_cache_requests_total", op="get", result="miss")
