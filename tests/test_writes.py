@@ -265,3 +265,36 @@ async def test_write_through_failure_deletes_the_key(
     assert errors() >= 1
     assert await redis_client.get(keys.product(PID)) is None
     assert (await stub.GetProduct(pb.GetProductRequest(id=PID))).name == "after failure"
+
+
+async def test_write_through_that_loses_its_lease_leaves_no_older_entry(
+    writable: Settings, redis_client: Redis
+) -> None:
+    """Two updates overlap: the second write-through takes the lease over while the first is
+    reading. The first's fill is refused; the old entry must not stay behind until the second
+    lands (its caller already has the new version and would read the old one)."""
+    from service.cache.loader import Loader
+    from service.db import create_engine
+    from tests.cache.test_reader import PausedAfterRead
+
+    engine = create_engine(writable)
+    try:
+        keys = Keys(writable.key_namespace)
+        store = create_store(redis_client, writable)
+        key, tag = keys.product(PID), keys.tag(Tag.product(PID))
+        old = await store.acquire([key], [[tag]])
+        stale = entry.pack(b"old", 1, 0, 1)
+        await store.fill(old.token, old.generation, [FillItem(key, stale, 60_000, [tag], 1)])
+        with psycopg.connect(libpq_url(writable.database_url)) as conn:
+            conn.execute("UPDATE products SET version = 5 WHERE id = %s", (PID,))
+
+        paused = PausedAfterRead(engine)
+        first = Loader(store, paused, keys, writable, lambda exc: None)
+        in_flight = asyncio.ensure_future(first.write_through(PID))
+        await paused.has_read.wait()
+        await store.acquire([key], [[tag]], "force")  # the second write-through's lease
+        paused.proceed.set()
+        assert await in_flight is not None
+        assert await store.get(key) is None, "the older entry was dropped, not served"
+    finally:
+        await engine.dispose()

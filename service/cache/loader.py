@@ -62,26 +62,29 @@ class Loader:
         return await self.store.acquire(keys, [[self.keys.tag(Tag.product(i))] for i in ids], mode)
 
     async def load_products(
-        self,
-        acquired: Acquired,
-        leased: list[str],
-        others: Sequence[str] = (),
-        *,
-        strict: bool = False,
+        self, acquired: Acquired, leased: list[str], others: Sequence[str] = ()
     ) -> dict[str, LoadedProduct]:
-        """Read ``leased`` and ``others`` in one query; fill the leased ones. A failed fill
-        raises only when ``strict`` (the write-through must know, to delete the key)."""
+        """Read ``leased`` and ``others`` in one query; fill the leased ones."""
+        loaded, _ = await self._load_and_fill(acquired, leased, others, strict=False)
+        return loaded
+
+    async def _load_and_fill(
+        self, acquired: Acquired, leased: list[str], others: Sequence[str], *, strict: bool
+    ) -> tuple[dict[str, LoadedProduct], list[bool]]:
+        """The products read, and per leased id whether its fill was written. A failed fill
+        (Redis error) raises only when ``strict``: the write-through must know."""
         leased_keys = [self.keys.product(i) for i in leased]
         started = time.perf_counter()
         loaded = await self._releasing(
             acquired.token, leased_keys, self.repo.get_products([*leased, *others])
         )
         load_ms = max(1, round((time.perf_counter() - started) * 1000))
+        written: list[bool] = []
         if leased:
             now = datetime.now(UTC)
             items = [self._product_item(i, loaded.get(i), now, load_ms) for i in leased]
-            await self._fill(acquired, items, strict=strict)
-        return loaded
+            written = await self._fill(acquired, items, strict=strict)
+        return loaded, written
 
     async def refresh_product(self, product_id: str, mode: Mode = "refresh") -> None:
         """Reload one product under a lease (stale-while-revalidate, or a write-through)."""
@@ -91,11 +94,15 @@ class Loader:
             await self.load_products(acquired, [product_id])
 
     async def write_through(self, product_id: str) -> bytes | None:
-        """Cache the committed product under a forcing lease (voiding fills in flight); the fill
-        is refused if a newer version is already cached. Returns the product read, or None."""
+        """Cache the committed product under a forcing lease (voiding fills in flight). If the
+        fill is refused (a newer version is cached, or an overlapping write-through took the
+        lease over), an entry older than what was read is deleted, so until the other write
+        lands readers miss rather than see the old version. Returns the product read, or None."""
         acquired = await self.acquire_products([product_id], "force")
-        loaded = await self.load_products(acquired, [product_id], strict=True)
+        loaded, written = await self._load_and_fill(acquired, [product_id], (), strict=True)
         found = loaded.get(product_id)
+        if found is not None and written == [False]:
+            await self.store.drop_older(self.keys.product(product_id), found.version)
         return found.data if found else None
 
     async def forget(self, product_id: str) -> None:
@@ -166,17 +173,21 @@ class Loader:
             physical = ttl.capped_ms(physical, changes_at, now)
         return int(time.time() * 1000) + fresh, physical
 
-    async def _fill(self, acquired: Acquired, items: list[FillItem], strict: bool = False) -> None:
+    async def _fill(
+        self, acquired: Acquired, items: list[FillItem], strict: bool = False
+    ) -> list[bool]:
+        """Per item, whether it was written ([] after a Redis error, unless ``strict``)."""
         try:
             written = await self.store.fill(acquired.token, acquired.generation, items)
         except REDIS_FAILURES as exc:
             self.on_redis_error(exc)
             if strict:
                 raise
-            return
+            return []
         refused = written.count(False)
         if refused:
             metrics.FILL_REFUSED.inc(refused)
+        return written
 
     async def _releasing(self, token: str, leased_keys: list[str], load: Awaitable[T]) -> T:
         """Await a database load; if it fails, release our leases so waiters stop waiting."""

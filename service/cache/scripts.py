@@ -101,6 +101,17 @@ return out
 """
 )
 
+# KEYS: value.  ARGV: version.  Deletes the value if it is older than ``version`` (a miss beats a
+# stale entry). Returns 1 if it deleted.
+DROP_OLDER = (
+    _VERSION_OF
+    + """
+local v = redis.call('GET', KEYS[1])
+if v and version_of(v) < tonumber(ARGV[1]) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+)
+
 # KEYS: leases to release.  ARGV: token.  Deletes only leases still holding the token.
 RELEASE = """
 local n = 0

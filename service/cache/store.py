@@ -53,6 +53,7 @@ class CacheStore:
         self._acquire = redis.register_script(scripts.ACQUIRE)
         self._fill = redis.register_script(scripts.FILL)
         self._release = redis.register_script(scripts.RELEASE)
+        self._drop_older = redis.register_script(scripts.DROP_OLDER)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
         self._assemble_page = redis.register_script(scripts.ASSEMBLE_PAGE)
         self._page_args: list[str | int] = [*keys.product_key_parts, entry.HEADER_LEN]
@@ -97,6 +98,10 @@ class CacheStore:
             args += (len(item.tags), item.ttl_ms, item.version, item.data)
         reply = await self._fill(keys=script_keys, args=args)
         return [r == 1 for r in reply]
+
+    async def drop_older(self, key: str, version: int) -> bool:
+        """Delete ``key`` if the entry there is older than ``version``."""
+        return bool(await self._drop_older(keys=[key], args=[version]))
 
     async def release(self, token: str, keys: Sequence[str]) -> int:
         """Drop leases still held by ``token`` (a failed load), so waiters stop waiting."""
