@@ -78,6 +78,7 @@ async def stop_holding_entries(
     read a batch and then froze leaves behind. So the outcome never depends on catching a short
     window, only on the stream still having undelivered entries.
     """
+
     async def joined() -> bool:  # it reads, so its signal handlers are in place
         assert proc.poll() is None
         consumers = await redis.xinfo_consumers(keys.stream, keys.group)
