@@ -62,6 +62,10 @@ async def add_to_outbox(
     await conn.execute(outbox_insert(event, stream))
 
 
+# Longest pause between relay attempts while PostgreSQL or Redis keeps failing.
+MAX_BACKOFF_S = 1.0
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -124,8 +128,13 @@ class OutboxRelay:
         return int(result.rowcount)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Relay until ``stop`` is set; a failing database or Redis is retried, never fatal."""
+        """Relay until ``stop`` is set; a failing database or Redis is retried, never fatal.
+
+        While they fail, retries back off (doubling, up to MAX_BACKOFF_S) and only the first
+        failure and the recovery are logged as warnings, so an outage is not a log flood."""
         passes = 0
+        pause = self.poll_s
+        failing = False
         while not stop.is_set():
             try:
                 n = await self.relay_once()
@@ -134,8 +143,13 @@ class OutboxRelay:
                     await self.purge_sent()
             except (RedisError, SQLAlchemyError, OSError) as exc:  # down: keep rows, retry later
                 metrics.OUTBOX_ERRORS.inc()
-                log.warning("outbox relay pass failed: %s", exc)
-                n = None
+                (log.debug if failing else log.warning)("outbox relay pass failed: %s", exc)
+                failing, n = True, None
+                pause = min(max(pause * 2, self.poll_s), MAX_BACKOFF_S)
+            else:
+                if failing:
+                    log.warning("outbox relay recovered")
+                failing, pause = False, self.poll_s
             if n != self.batch_size:  # a full batch means more are waiting: no pause
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.poll_s)
+                    await asyncio.wait_for(stop.wait(), pause)
