@@ -73,7 +73,7 @@ bench: install
 	$(BIN)/python -m bench
 
 bench-quick: install
-	$(BIN)/python -m bench --quick
+	$(BIN)/python -m bench --quick --no-write  # a check: only a full run publishes figures
 
 up:
 	$(COMPOSE) up -d --build
