@@ -40,21 +40,20 @@ def page_size(requested: int) -> int:
 
 
 def batch_ids(ids: Sequence[str]) -> Sequence[str]:
-    if not ids:
-        raise InvalidArgument("ids must name at least one product")
-    if len(ids) > MAX_BATCH:
-        raise InvalidArgument(f"ids may name at most {MAX_BATCH} products, got {len(ids)}")
-    for n, value in enumerate(ids):
-        check_id(value, f"ids[{n}]")
-    return ids
+    """1 to ``MAX_BATCH`` well-formed ids; duplicates are answered once per occurrence."""
+    return _id_list(ids, "ids", MAX_BATCH)
 
 
 def view_ids(ids: Sequence[str]) -> Sequence[str]:
     """1 to ``MAX_VIEW_BATCH`` well-formed ids; repeats are allowed (each one is a view)."""
+    return _id_list(ids, "product_ids", MAX_VIEW_BATCH)
+
+
+def _id_list(ids: Sequence[str], field: str, limit: int) -> Sequence[str]:
     if not ids:
-        raise InvalidArgument("product_ids must name at least one product")
-    if len(ids) > MAX_VIEW_BATCH:
-        raise InvalidArgument(f"product_ids may hold at most {MAX_VIEW_BATCH} ids, got {len(ids)}")
+        raise InvalidArgument(f"{field} must name at least one product")
+    if len(ids) > limit:
+        raise InvalidArgument(f"{field} may hold at most {limit} ids, got {len(ids)}")
     for n, value in enumerate(ids):
-        check_id(value, f"product_ids[{n}]")
+        check_id(value, f"{field}[{n}]")
     return ids
