@@ -164,6 +164,7 @@ class ProductWriter:
                 log.warning("write-through of %s failed (%s); deleting the key", product_id, exc)
                 await loader.forget(product_id)
             else:
+                self.breaker.success()  # it may have been the half-open probe: report it
                 if written is not None:
                     return written
         found = (await self.repo.get_products([product_id])).get(product_id)

@@ -13,7 +13,7 @@ from service.metrics import BREAKER_OPEN
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_failures", "_open_until", "_probing", "failures", "reset_s")
+    __slots__ = ("_clock", "_failures", "_open_until", "failures", "reset_s")
 
     def __init__(
         self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic
@@ -23,28 +23,28 @@ class CircuitBreaker:
         self._clock = clock
         self._failures = 0
         self._open_until = 0.0
-        self._probing = False
 
     @property
     def is_open(self) -> bool:
         return self._failures >= self.failures
 
     def allow(self) -> bool:
-        """May this call use Redis? Closed: yes. Open: no, until reset_s passed; then one probe."""
+        """May this call use Redis? Closed: yes. Open: no, until reset_s passed; then one probe
+        per reset_s. A probe that never reports (its call was cancelled at its deadline) only
+        costs one window: the next probe goes after reset_s, so the breaker cannot wedge open."""
         if self._failures < self.failures:
             return True
-        if self._probing or self._clock() < self._open_until:
+        now = self._clock()
+        if now < self._open_until:
             return False
-        self._probing = True
+        self._open_until = now + self.reset_s
         return True
 
     def success(self) -> None:
         self._failures = 0
-        self._probing = False
 
     def failure(self) -> None:
         self._failures += 1
-        self._probing = False
         if self._failures >= self.failures:
             if self._failures == self.failures:
                 BREAKER_OPEN.inc()

@@ -43,6 +43,21 @@ def test_breaker_opens_after_k_failures_and_probes_once_after_reset() -> None:
     assert breaker.allow() and breaker.allow(), "a good probe closes it"
 
 
+def test_breaker_probe_that_never_reports_does_not_wedge_it_open() -> None:
+    """A probe whose call is cancelled (deadline) reports neither success nor failure."""
+    clock = Clock()
+    breaker = CircuitBreaker(failures=1, reset_s=1.0, clock=clock)
+    breaker.failure()
+    clock.now += 1.1
+    assert breaker.allow(), "the probe"
+    clock.now += 0.5
+    assert not breaker.allow(), "one probe per window"
+    clock.now += 0.6
+    assert breaker.allow(), "the unanswered probe's window is over: probe again"
+    breaker.success()
+    assert breaker.allow()
+
+
 def test_breaker_success_resets_the_failure_count() -> None:
     breaker = CircuitBreaker(failures=2, reset_s=1.0, clock=Clock())
     breaker.failure()
