@@ -14,7 +14,7 @@ absorbs the scheduling stalls of a shared 2-core machine (1 s stalls seen at loa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from grpc import aio
@@ -61,14 +61,23 @@ def server(settings: Settings, private_redis: RedisProcess) -> Iterator[ServerPr
     proc.stop()
 
 
+def lookups(server: ServerProcess) -> Callable[[str], float]:
+    """The server's GetProduct cache lookups with a given result (hit, miss, bypass)."""
+    return lambda result: server.metric("catalog_cache_requests_total", op="get", result=result)
+
+
+async def warm_load(server: ServerProcess, count: Callable[[str], float]) -> ReadLoad:
+    """Start the read load and wait until the cache serves it."""
+    load = ReadLoad(server.target, deadline_s=DEADLINE_S, max_seconds=LOAD_SECONDS).start()
+    await wait_until(lambda: count("hit") > 500, 15, "a warm cache")
+    return load
+
+
 async def test_reads_never_fail_while_redis_is_killed_restarted_empty_and_paused(
     server: ServerProcess, private_redis: RedisProcess
 ) -> None:
-    def count(result: str) -> float:
-        return server.metric("catalog_cache_requests_total", op="get", result=result)
-
-    load = ReadLoad(server.target, deadline_s=DEADLINE_S, max_seconds=LOAD_SECONDS).start()
-    await wait_until(lambda: count("hit") > 500, 15, "a warm cache")
+    count = lookups(server)
+    load = await warm_load(server, count)
 
     # 1. SIGKILL: reads go to PostgreSQL behind the breaker.
     assert private_redis.proc is not None
@@ -129,11 +138,8 @@ async def test_no_read_exceeds_its_deadline_while_redis_is_sigstopped(
 ) -> None:
     """SIGSTOP, unlike CLIENT PAUSE, also stops Redis accepting connections and answering PING."""
 
-    def count(result: str) -> float:
-        return server.metric("catalog_cache_requests_total", op="get", result=result)
-
-    load = ReadLoad(server.target, deadline_s=DEADLINE_S, max_seconds=LOAD_SECONDS).start()
-    await wait_until(lambda: count("hit") > 500, 15, "a warm cache")
+    count = lookups(server)
+    load = await warm_load(server, count)
     bypassed = count("bypass")
     assert private_redis.proc is not None
     paused_at, resumed_at = await pause_process(private_redis.proc, PAUSE_S)
