@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -36,7 +36,6 @@ from service.writes import ProductWriter, parse_update
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CatalogService"].full_name
-Req = TypeVar("Req")
 Handler = Callable[[Any, aio.ServicerContext[Any, bytes]], Awaitable[bytes]]
 
 _NOT_FOUND_RESULT = wire.field(3, b"")  # google.protobuf.Empty

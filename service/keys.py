@@ -104,11 +104,6 @@ class Keys:
         self.group = group or "invalidator"
         self._dead_letter = dead_letter_stream
 
-    @property
-    def prefix(self) -> str:
-        """Common prefix of every versioned key (tests and tools scan with it)."""
-        return self._prefix
-
     def product(self, product_id: str) -> str:
         return self._product + "{" + product_id + "}"
 

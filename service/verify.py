@@ -52,11 +52,6 @@ class Report:
     stale: list[Stale] = field(default_factory=list)
 
 
-def payload(raw: bytes) -> bytes:
-    """The payload of a cached value (negative entries are empty and have no header)."""
-    return entry.payload(raw) if raw else raw
-
-
 async def verify(redis: Redis, engine: AsyncEngine, keys: Keys, batch: int = BATCH) -> Report:
     """Check every product, negative and page entry under ``keys``; never writes anything."""
     report = Report()
@@ -89,7 +84,7 @@ def _product_problem(cached: bytes, found: LoadedProduct | None) -> str | None:
         return "cached as missing, but the product exists" if found is not None else None
     if found is None:
         return "cached, but the product no longer exists"
-    if payload(cached) != found.data:
+    if entry.payload(cached) != found.data:
         return "cached bytes differ from PostgreSQL"
     return None
 
@@ -127,7 +122,7 @@ async def _check_pages(redis: Redis, repo: Repository, keys: Keys, report: Repor
             if raw is None:
                 continue  # invalidated or expired since the scan
             report.pages += 1
-            page = entry.unpack_page(payload(raw))
+            page = entry.unpack_page(entry.payload(raw))
             if await _page_problem(repo, keys, page_key, page) is None:
                 continue
             problem = await _page_problem(repo, keys, page_key, page)  # database, then Redis

@@ -10,9 +10,10 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
+from service.cache.entry import payload
 from service.keys import NEGATIVE, Keys
 from service.settings import Settings
-from service.verify import payload, verify
+from service.verify import verify
 from tests.processes import settings_env
 
 if TYPE_CHECKING:

@@ -18,7 +18,6 @@ import math
 import random
 from typing import NamedTuple
 
-MARK = b"E"
 HEADER_LEN = 46
 _VERSION = slice(1, 21)
 _FRESH = slice(21, 36)
@@ -45,8 +44,9 @@ def payload(raw: bytes) -> bytes:
     return raw[HEADER_LEN:]
 
 
-def fresh_until_ms(raw: bytes) -> int:
-    return int(raw[_FRESH])
+def due(raw: bytes, now_ms: float, beta: float, rand: random.Random) -> bool:
+    """Should this cached entry (header included) be refreshed now? See :func:`should_refresh`."""
+    return should_refresh(now_ms, int(raw[_FRESH]), int(raw[_LOAD]), beta, rand)
 
 
 def should_refresh(

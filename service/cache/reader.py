@@ -31,7 +31,6 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 _H = entry.HEADER_LEN
-_FRESH, _LOAD = slice(21, 36), slice(36, 46)
 
 _HIT = {op: metrics.CACHE_REQUESTS.labels(op, "hit") for op in ("get", "batch", "list")}
 _MISS = {op: metrics.CACHE_REQUESTS.labels(op, "miss") for op in ("get", "batch", "list")}
@@ -244,10 +243,7 @@ class Reader:
     # -- shared pieces ------------------------------------------------------------------------
 
     def _due(self, value: bytes, beta: float) -> bool:
-        fresh_until = int(value[_FRESH])
-        return entry.should_refresh(
-            time.time() * 1000.0, fresh_until, int(value[_LOAD]), beta, self._rand
-        )
+        return entry.due(value, time.time() * 1000.0, beta, self._rand)
 
     def _refresh_product_if_due(self, product_id: str, key: str, value: bytes) -> None:
         if self._due(value, self.settings.product_xfetch_beta) and self.loader is not None:
