@@ -87,7 +87,7 @@ class Reader:
                 self.breaker.success()
                 if value:
                     _HIT["get"].inc()
-                    self._refresh_product_if_due(product_id, key, value)
+                    self._refresh_product_if_due(product_id, value)
                     return value[_H:]
                 if value is not None:
                     _NEG["get"].inc()
@@ -150,7 +150,7 @@ class Reader:
         found: dict[str, bytes | None] = {}
         for product_id, value in zip(ids, values, strict=True):
             if value:
-                self._refresh_product_if_due(product_id, self.keys.product(product_id), value)
+                self._refresh_product_if_due(product_id, value)
                 found[product_id] = value[_H:]
             elif value is not None:
                 found[product_id] = None
@@ -245,10 +245,15 @@ class Reader:
     def _due(self, value: bytes, beta: float) -> bool:
         return entry.due(value, time.time() * 1000.0, beta, self._rand)
 
-    def _refresh_product_if_due(self, product_id: str, key: str, value: bytes) -> None:
+    def _refresh_product_if_due(self, product_id: str, value: bytes) -> None:
+        """Start one background refresh if the entry is stale or XFetch picks it; the key is
+        built only then, so a batch or page of fresh hits builds none."""
         if self._due(value, self.settings.product_xfetch_beta) and self.loader is not None:
             loader = self.loader
-            self._refreshes.launch(key, self._quietly(lambda: loader.refresh_product(product_id)))
+            self._refreshes.launch(
+                self.keys.product(product_id),
+                self._quietly(lambda: loader.refresh_product(product_id)),
+            )
 
     def _quietly(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """A background refresh: its failure is logged and counted, never raised to a reader."""
