@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from service import deadlines, metrics
 from service.cache import entry
 from service.cache.breaker import CircuitBreaker
-from service.cache.loader import REDIS_FAILURES, Loader, Mode
+from service.cache.loader import REDIS_FAILURES, Loader
 from service.cache.singleflight import SingleFlight
 from service.cache.store import CacheStore
 from service.keys import Keys
@@ -189,32 +189,18 @@ class Reader:
         if loader is not None and self.breaker.allow():
             page_key = self.keys.page(category_id, brand_id, after_id, page_size)
 
-            def fill(mode: Mode) -> Callable[[], Awaitable[None]]:
-                async def run() -> None:
-                    got = await loader.fill_page(
-                        page_key,
-                        category_id,
-                        brand_id,
-                        after_id,
-                        page_size,
-                        mode,
-                    )
-                    if got is False and mode == "miss":
-                        metrics.LEASE_WAITS.inc()
-                        await self._wait_for(loader.store, page_key)
-
-                return run
-
+            args = (page_key, category_id, brand_id, after_id, page_size)
             try:
                 reply = await loader.store.assemble_page(page_key)
                 if reply is None:
                     _MISS["list"].inc()
-                    await self._pages.do(page_key, fill("miss"))
+                    await self._pages.do(page_key, lambda: self._fill_page(loader, *args))
                     reply = await loader.store.assemble_page(page_key)
                 else:
                     _HIT["list"].inc()
                     if self._due(reply[0] or b"", self.settings.page_xfetch_beta):
-                        self._refreshes.launch(page_key, self._quietly(fill("refresh")))
+                        refresh = self._quietly(lambda: loader.fill_page(*args, "refresh"))
+                        self._refreshes.launch(page_key, refresh)
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
@@ -228,6 +214,21 @@ class Reader:
         )
         next_after = rows[page_size - 1].id if len(rows) > page_size else ""
         return Page([p.data for p in rows[:page_size]], next_after)
+
+    async def _fill_page(
+        self,
+        loader: Loader,
+        page_key: str,
+        category_id: str,
+        brand_id: str,
+        after_id: str,
+        page_size: int,
+    ) -> None:
+        """Make the page entry exist, or give up (the caller then reads PostgreSQL)."""
+        got = await loader.fill_page(page_key, category_id, brand_id, after_id, page_size, "miss")
+        if got is False:
+            metrics.LEASE_WAITS.inc()
+            await self._wait_for(loader.store, page_key)
 
     async def _complete_page(self, loader: Loader, reply: list[bytes | None]) -> Page:
         head, _, rest = (reply[0] or b"")[_H:].partition(b"\n")
@@ -255,7 +256,7 @@ class Reader:
                 self._quietly(lambda: loader.refresh_product(product_id)),
             )
 
-    def _quietly(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    def _quietly(self, fn: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
         """A background refresh: its failure is logged and counted, never raised to a reader."""
 
         async def run() -> None:
