@@ -135,6 +135,16 @@ async def engine(database_url: str) -> AsyncIterator[object]:
 
 
 @pytest.fixture
+async def db(fresh_database_url: str) -> AsyncIterator[object]:
+    """An engine on a seeded database of this test's own, which it may write to."""
+    from service.db import create_engine
+
+    eng = create_engine(Settings.from_env({}, database_url=fresh_database_url))
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
 async def redis_client(settings: Settings) -> AsyncIterator[object]:
     """A client on the shared Redis; deletes every key of this test's namespace afterwards."""
     from service.app import create_redis

@@ -5,7 +5,7 @@ seeder that fills the database (deterministic and idempotent)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -133,20 +133,13 @@ class World:
 
 
 @pytest.fixture
-async def writable_engine(fresh_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(Settings.from_env({}, database_url=fresh_database_url))
-    yield engine
-    await engine.dispose()
+def world(db: AsyncEngine) -> World:
+    return World(db)
 
 
 @pytest.fixture
-def world(writable_engine: AsyncEngine) -> World:
-    return World(writable_engine)
-
-
-@pytest.fixture
-def repo(writable_engine: AsyncEngine) -> Repository:
-    return Repository(writable_engine)
+def repo(db: AsyncEngine) -> Repository:
+    return Repository(db)
 
 
 async def _one(repo: Repository, product_id: str) -> pb.Product:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
@@ -15,18 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from invalidator.events import PRODUCT_UPDATED, new_event
 from invalidator.outbox import OutboxRelay, add_to_outbox, outbox
 from invalidator.publisher import Publisher
-from service.db import create_engine
 from service.keys import Keys
-from service.settings import Settings
 from tests.helpers import eventually
 from tests.invalidator.conftest import entries
-
-
-@pytest.fixture
-async def db(fresh_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(Settings.from_env({}, database_url=fresh_database_url))
-    yield engine
-    await engine.dispose()
 
 
 def relay(db: AsyncEngine, publisher: Publisher, batch_size: int = 500) -> OutboxRelay:

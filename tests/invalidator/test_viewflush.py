@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import psycopg
 import pytest
@@ -20,19 +20,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from invalidator.viewflush import ViewFlusher
-from service.db import create_engine, libpq_url
+from service.db import libpq_url
 from service.keys import Keys
 from service.localservers import RedisProcess
 from service.settings import Settings
 from service.views import ViewCounter
 from tests.helpers import Delta, eventually, metric
-
-
-@pytest.fixture
-async def db(fresh_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(Settings.from_env({}, database_url=fresh_database_url))
-    yield engine
-    await engine.dispose()
 
 
 def flusher(redis: Redis, db: AsyncEngine, keys: Keys, chunk: int = 5000) -> ViewFlusher:
