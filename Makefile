@@ -66,7 +66,7 @@ test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 run: install
-	$(BIN)/python -m service.devrun
+	$(BIN)/python -m devtools.devrun
 
 # Needs the local PostgreSQL (BENCH_DATABASE_URL) and redis-server; see docs/benchmarks.md.
 bench: install
@@ -91,7 +91,7 @@ compose-check:
 clean:
 	@# A cluster left running by a killed `make run` would hold files in .run.
 	-if [ -x $(BIN)/python ] && [ -d .run/postgres ]; then \
-		$(BIN)/python -c 'from pathlib import Path; from service.localservers import PostgresCluster as C; C(Path(".run/postgres")).stop()'; \
+		$(BIN)/python -c 'from pathlib import Path; from devtools.localservers import PostgresCluster as C; C(Path(".run/postgres")).stop()'; \
 	fi
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
 		.coverage .coverage.* htmlcov

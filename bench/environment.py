@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from service.localservers import RedisProcess
-from service.settings import Settings
+from core.settings import Settings
+from devtools.localservers import RedisProcess
 
 PRODUCTS = 100_000
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/catalog_bench"
@@ -26,9 +26,9 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/catalog_ben
 
 def ensure_database(url: str) -> None:
     """Create the database if missing, migrate it, and seed it unless it has products."""
-    from service.db import libpq_url
-    from service.migrations import upgrade
-    from service.seed import seed_catalog
+    from core.db import libpq_url
+    from core.migrations import upgrade
+    from ops.seed import seed_catalog
 
     name = make_url(url).database
     admin = libpq_url(make_url(url).set(database="postgres").render_as_string(False))

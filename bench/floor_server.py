@@ -17,10 +17,10 @@ from typing import Any, cast
 import grpc
 from grpc import aio
 
+from core.metrics import start_metrics_server
+from core.settings import Settings
 from service.app import create_redis
 from service.grpc_api import SERVICE_NAME
-from service.metrics import start_metrics_server
-from service.settings import Settings
 
 
 async def serve(mode: str, key: str, settings: Settings) -> None:

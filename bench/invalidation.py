@@ -20,13 +20,13 @@ from redis.asyncio import Redis
 from bench.environment import BenchEnv
 from bench.measure import percentile
 from bench.report import Row
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.publisher import Publisher
-from service.cache import entry
-from service.keys import Keys, Tag
-from service.localservers import free_port, wait_for_port
-from service.serverprocess import scrape, settings_env
-from service.settings import Settings
+from core.cache import entry
+from core.events import PRODUCT_UPDATED, new_event
+from core.keys import Keys, Tag
+from core.publisher import Publisher
+from core.settings import Settings
+from devtools.localservers import free_port, wait_for_port
+from devtools.serverprocess import scrape, settings_env
 
 PAYLOAD = b"x" * 700  # about a product's size
 MAXLEN = 1_000_000

@@ -20,9 +20,9 @@ from bench.loadgen import Spec, run_process
 from bench.report import Row
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from service.keys import Keys
-from service.serverprocess import ServerProcess
-from service.settings import Settings
+from core.keys import Keys
+from core.settings import Settings
+from devtools.serverprocess import ServerProcess
 
 SERVICE = "/catalog.v1.CatalogService/"
 HOT_IDS = [f"p{i:07d}" for i in range(1, 2001)]

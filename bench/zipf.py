@@ -34,8 +34,8 @@ from bench.report import Row
 from bench.rpc import server
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from service.serverprocess import scrape
-from service.workload import zipf_draws
+from devtools.serverprocess import scrape
+from devtools.workload import zipf_draws
 
 SETTLE_S = 1.0
 

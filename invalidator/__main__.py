@@ -1,6 +1,5 @@
-"""``python -m invalidator``: the invalidator process (same as ``catalog invalidator``); the
-``dlq`` and ``publish`` subcommands are available too."""
+"""``python -m invalidator``: the invalidator process (same as ``catalog invalidator``)."""
 
-from invalidator.cli import main
+from invalidator.worker import main
 
 raise SystemExit(main())

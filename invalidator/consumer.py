@@ -30,12 +30,12 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from core.cache.store import CacheStore
+from core.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
+from core.keys import Keys
 from invalidator import metrics
 from invalidator.deadletter import dead_letter_fields
-from invalidator.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
 from invalidator.settings import InvalidatorSettings
-from service.cache.store import CacheStore
-from service.keys import Keys
 
 log = logging.getLogger(__name__)
 

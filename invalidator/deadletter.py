@@ -15,8 +15,8 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from invalidator.events import RawFields
-from service.keys import Keys
+from core.events import RawFields
+from core.keys import Keys
 
 PREFIX = "dlq_"
 REASON = PREFIX + "reason"

@@ -18,9 +18,9 @@ from grpc_health.v1._async import HealthServicer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.keys import Keys
+from core.tls import add_port
 from invalidator import metrics
-from service.keys import Keys
-from service.tls import add_port
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Health:
 
     async def start(self, address: str, credentials: grpc.ServerCredentials | None = None) -> None:
         """Serve on ``address`` (``host:0`` picks a port, see :attr:`port`); empty disables.
-        With ``credentials`` (:func:`service.tls.server_credentials`) the port speaks TLS."""
+        With ``credentials`` (:func:`core.tls.server_credentials`) the port speaks TLS."""
         await self.set(False)
         if not address:
             return

@@ -1,5 +1,5 @@
 """Prometheus metrics of the invalidator and the outbox relay (served by
-:func:`service.metrics.start_metrics_server` on ``CATALOG_INVALIDATOR_METRICS_PORT``)."""
+:func:`core.metrics.start_metrics_server` on ``CATALOG_INVALIDATOR_METRICS_PORT``)."""
 
 from __future__ import annotations
 

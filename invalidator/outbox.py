@@ -1,10 +1,7 @@
-"""Transactional outbox: events written with the data change, published by a relay after COMMIT.
+"""The outbox relay: publishes the events that writers queued in PostgreSQL, after COMMIT.
 
-Writers call :func:`add_to_outbox` inside the transaction that changes the product, *after* the
-product row was written (its row lock then orders the outbox ids of two writers of one product).
-A rolled-back transaction leaves no row, so nothing is published; a committed one always is.
-
-The relay (:class:`OutboxRelay`), any number of copies:
+Writers queue events with :func:`core.outbox.add_to_outbox`; the relay (:class:`OutboxRelay`),
+any number of copies:
 
 * takes ``pg_try_advisory_xact_lock(LOCK_KEY)``; a copy that does not get it stands by. One
   publisher at a time is what keeps per-product order: with SKIP LOCKED alone, relay B could
@@ -25,42 +22,17 @@ import logging
 
 import sqlalchemy as sa
 from redis.exceptions import RedisError
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.outbox import outbox
+from core.publisher import Publisher
 from invalidator import metrics
-from invalidator.events import Event, to_fields
-from invalidator.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
 # pg_advisory lock id of the relay ("catalog outbox" as a bigint); same in every copy.
 LOCK_KEY = 0x6F7574626F78
-
-metadata = sa.MetaData()
-outbox = sa.Table(
-    "outbox",
-    metadata,
-    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
-    sa.Column("stream", sa.Text, nullable=True),
-    sa.Column("fields", JSONB, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
-    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
-)
-
-
-def outbox_insert(event: Event, stream: str | None = None) -> sa.Insert:
-    """The INSERT of one event (``stream`` None = the configured event stream)."""
-    return sa.insert(outbox).values(stream=stream, fields=to_fields(event))
-
-
-async def add_to_outbox(
-    conn: AsyncConnection | AsyncSession, event: Event, *, stream: str | None = None
-) -> None:
-    """Queue ``event`` in the caller's open transaction; published only if it commits."""
-    await conn.execute(outbox_insert(event, stream))
-
 
 # Longest pause between relay attempts while PostgreSQL or Redis keeps failing.
 MAX_BACKOFF_S = 1.0

@@ -1,7 +1,7 @@
 """Settings of the invalidator process and the publishers, from ``CATALOG_*`` variables.
 
 Connection settings (Redis and PostgreSQL URLs, key namespace, log level) are the service's
-:class:`service.settings.Settings`; this object holds only what the invalidator adds. Same rules:
+:class:`core.settings.Settings`; this object holds only what the invalidator adds. Same rules:
 frozen, built once at the entry point, validated with errors naming the variable. Derived
 invariants: the socket timeout of blocking reads is BLOCK plus a margin (never shorter), and the
 in-progress heartbeat runs at a third of the reclaim min-idle, so a live consumer's batch is never
@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.keys import Keys
-from service.settings import PREFIX, Settings, SettingsError, load, option
-from service.settings import describe as describe_fields
+from core.keys import Keys
+from core.settings import PREFIX, Settings, SettingsError, load, option
+from core.settings import describe as describe_fields
 
 
 @dataclass(frozen=True, slots=True)

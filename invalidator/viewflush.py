@@ -39,8 +39,8 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.keys import Keys
 from invalidator import metrics
-from service.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -13,19 +13,21 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
+from core import entrypoint
+from core.cache.store import CacheStore
+from core.metrics import start_metrics_server
+from core.publisher import Publisher
+from core.settings import Settings
+from core.tls import server_credentials
 from invalidator.consumer import Consumer
 from invalidator.health import Health, monitor
 from invalidator.outbox import OutboxRelay
-from invalidator.publisher import Publisher
 from invalidator.settings import InvalidatorSettings
 from invalidator.viewflush import ViewFlusher
-from service.cache.store import CacheStore
-from service.metrics import start_metrics_server
-from service.settings import Settings
-from service.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,21 @@ def redis_clients(base: Settings, settings: InvalidatorSettings) -> tuple[Redis,
         single_connection_client=True,
     )
     return commands, reader
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m invalidator`` (takes no arguments), with the exit-status contract of every
+    command; invalidator settings errors exit 2 too."""
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m invalidator",
+        description="Consume cache-invalidation events (and relay the outbox) until SIGTERM.",
+    ).parse_args(argv)
+    return entrypoint.run(
+        "catalog invalidator",
+        lambda base: asyncio.run(run(base, InvalidatorSettings.from_env())),
+    )
 
 
 async def run(base: Settings, settings: InvalidatorSettings) -> int:
@@ -79,7 +96,7 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
         await health.start(settings.invalidator_health_address, server_credentials(base))
         async with asyncio.TaskGroup() as tasks:
             if settings.outbox_relay:
-                from service.db import create_engine
+                from core.db import create_engine
 
                 engine = create_engine(base)
                 relay = OutboxRelay(
@@ -91,7 +108,7 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
                 )
                 tasks.create_task(relay.run(stop))
             if settings.views_flush:
-                from service.db import create_engine
+                from core.db import create_engine
 
                 engine = engine or create_engine(base)
                 interval = settings.views_flush_interval_s

@@ -1,5 +1,5 @@
-"""``python -m service``: the ``catalog`` command line."""
+"""``python -m service [--workers N]``: the gRPC server process (same as ``catalog serve``)."""
 
-from service.cli import main
+from service.workers import main
 
 raise SystemExit(main())

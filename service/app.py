@@ -24,16 +24,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.cache.reader import Reader
-from service.cache.store import CacheStore
-from service.db import create_engine
+from core.cache.reader import Reader
+from core.cache.store import CacheStore
+from core.db import create_engine
+from core.keys import Keys
+from core.metrics import start_metrics_server
+from core.pagetokens import PageTokens
+from core.repository import Repository
+from core.settings import DEV_PAGE_TOKEN_SECRET, Settings
+from core.tls import add_port, server_credentials
 from service.grpc_api import SERVICE_NAME, CatalogApi, generic_handler
-from service.keys import Keys
-from service.metrics import start_metrics_server
-from service.pagetokens import PageTokens
-from service.repository import Repository
-from service.settings import DEV_PAGE_TOKEN_SECRET, Settings
-from service.tls import add_port, server_credentials
 from service.views import ViewCounter
 from service.writes import ProductWriter
 

@@ -18,19 +18,19 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from catalog.v1 import catalog_pb2 as pb
-from service import deadlines, validation
-from service.cache import wire
-from service.cache.reader import Reader
-from service.db import is_connection_error
-from service.errors import (
+from core import deadlines, validation
+from core.cache import wire
+from core.cache.reader import Reader
+from core.db import is_connection_error
+from core.errors import (
     Aborted,
     CountersUnavailable,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-from service.metrics import RPC_LATENCY
-from service.pagetokens import PageTokens
+from core.metrics import RPC_LATENCY
+from core.pagetokens import PageTokens
 from service.views import ViewCounter
 from service.writes import ProductWriter, parse_update
 

@@ -6,7 +6,7 @@ Invariants:
   (``Keys.views_pending``) with one ``HINCRBY`` per id inside one ``MULTI``/``EXEC``, sent as a
   single pipeline: one round trip, and a batch lands whole in one flush or the next.
 - It never retries. A retry after a timeout could count a batch twice; the caller gets
-  :class:`~service.errors.CountersUnavailable` (gRPC UNAVAILABLE) and decides.
+  :class:`~core.errors.CountersUnavailable` (gRPC UNAVAILABLE) and decides.
 - Ids are validated before this is called; whether they name a product is decided at flush time
   (``invalidator/viewflush.py``), so recording never reads PostgreSQL.
 """
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from service import metrics
-from service.errors import CountersUnavailable
-from service.keys import Keys
+from core import metrics
+from core.errors import CountersUnavailable
+from core.keys import Keys
 
 
 class ViewCounter:

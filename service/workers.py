@@ -1,4 +1,5 @@
-"""``catalog serve --workers N``: N server processes sharing one port through SO_REUSEPORT.
+"""``catalog serve --workers N`` (``python -m service``): N server processes sharing one port
+through SO_REUSEPORT.
 
 A Python process runs on one core, so the way to use more is more processes. As in grpc's
 multiprocessing example, the parent forks before it creates any gRPC object (gRPC's core does not
@@ -13,16 +14,18 @@ parent stops the others and exits non-zero, so a supervisor restarts the whole g
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
 from typing import Any
 
-from service.settings import Settings
+from core import entrypoint
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,30 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     return settings if index == 0 else settings.replace(metrics_port=0)
 
 
-def serve(settings: Settings) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=entrypoint.positive_int,
+        help="server processes sharing the port (default: CATALOG_WORKERS)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m service [--workers N]``, with the exit-status contract of every command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="Run the gRPC service until SIGTERM/SIGINT."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return entrypoint.run("catalog serve", lambda settings: serve(settings, args.workers))
+
+
+def serve(settings: Settings, workers: int | None = None) -> int:
     """Run ``settings.workers`` servers until SIGTERM/SIGINT; the exit status of the group."""
     from service.app import run
 
+    if workers is not None:
+        settings = settings.replace(workers=workers)
     if settings.workers == 1:
         asyncio.run(run(settings))
         return 0

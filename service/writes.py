@@ -22,13 +22,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.outbox import add_to_outbox
-from service.cache.breaker import CircuitBreaker
-from service.cache.loader import REDIS_FAILURES, Loader
-from service.errors import Aborted, InvalidArgument, NotFound
-from service.repository import Repository
-from service.validation import check_id
+from core.cache.breaker import CircuitBreaker
+from core.cache.loader import REDIS_FAILURES, Loader
+from core.errors import Aborted, InvalidArgument, NotFound
+from core.events import PRODUCT_UPDATED, new_event
+from core.outbox import add_to_outbox
+from core.repository import Repository
+from core.validation import check_id
 
 log = logging.getLogger(__name__)
 UPDATABLE = ("name", "description", "stock", "base_price", "category", "brand")

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.localservers import RedisProcess
-from service.settings import Settings
+from core.settings import Settings
+from devtools.localservers import RedisProcess
 from tests.helpers import delete_namespace
 
 SEED_PRODUCTS = 300
@@ -87,8 +87,8 @@ def pg_base_url() -> str:
 @contextlib.contextmanager
 def seeded_database(pg_base_url: str) -> Iterator[str]:
     """A new database, migrated and seeded with SEED_PRODUCTS products (seed 42); dropped after."""
-    from service.migrations import upgrade
-    from service.seed import seed_catalog
+    from core.migrations import upgrade
+    from ops.seed import seed_catalog
 
     url = create_database(pg_base_url)
     try:
@@ -127,7 +127,7 @@ def settings(database_url: str, redis_url: str) -> Settings:
 
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[object]:
-    from service.db import create_engine
+    from core.db import create_engine
 
     eng = create_engine(Settings.from_env({}, database_url=database_url))
     yield eng
@@ -137,7 +137,7 @@ async def engine(database_url: str) -> AsyncIterator[object]:
 @pytest.fixture
 async def db(fresh_database_url: str) -> AsyncIterator[object]:
     """An engine on a seeded database of this test's own, which it may write to."""
-    from service.db import create_engine
+    from core.db import create_engine
 
     eng = create_engine(Settings.from_env({}, database_url=fresh_database_url))
     yield eng

@@ -31,10 +31,10 @@ from sqlalchemy import event
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.pagetokens import PageTokens
+from core.settings import Settings
+from devtools.localservers import RedisProcess
 from service.app import Service, start
-from service.localservers import RedisProcess
-from service.pagetokens import PageTokens
-from service.settings import Settings
 from tests.conftest import create_database, drop_database
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ BAD_IDS = {
 @pytest.fixture(scope="module")
 def own_database(pg_base_url: str) -> Iterator[str]:
     """Migrated and seeded, written to by the fuzz (UpdateProduct) and by nobody else."""
-    from service.migrations import upgrade
-    from service.seed import seed_catalog
+    from core.migrations import upgrade
+    from ops.seed import seed_catalog
 
     url = create_database(pg_base_url)
     try:

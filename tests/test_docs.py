@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import describe as service_settings
 from invalidator.settings import describe as invalidator_settings
-from service.settings import describe as service_settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

@@ -20,12 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from invalidator.events import CATEGORY_UPDATED, PRODUCT_UPDATED, new_event
-from invalidator.outbox import add_to_outbox
+from core.db import create_engine
+from core.events import CATEGORY_UPDATED, PRODUCT_UPDATED, new_event
+from core.keys import Keys
+from core.outbox import add_to_outbox
+from core.settings import Settings
 from service.app import Service, start
-from service.db import create_engine
-from service.keys import Keys
-from service.settings import Settings
 from tests.helpers import eventually
 from tests.processes import settings_env
 

@@ -15,10 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.repository import LoadedProduct, Repository
+from core.settings import Settings
+from devtools.localservers import free_port
 from service.app import Service, start
-from service.localservers import free_port
-from service.repository import LoadedProduct, Repository
-from service.settings import Settings
 from tests.conftest import SEED_PRODUCTS
 from tests.helpers import Delta, db_loads, eventually
 
@@ -255,7 +255,7 @@ def unique(prefix: str) -> str:
 
 
 async def test_healthcheck_command_reports_serving_and_failure(service: Service) -> None:
-    from service.cli import main
+    from ops.cli import main
 
     assert (
         await asyncio.to_thread(main, ["healthcheck", "--target", f"127.0.0.1:{service.port}"]) == 0

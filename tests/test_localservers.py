@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.localservers import PostgresCluster
+from devtools.localservers import PostgresCluster
 
 
 @pytest.fixture

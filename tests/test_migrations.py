@@ -10,8 +10,8 @@ from concurrent.futures import ProcessPoolExecutor
 import psycopg
 import pytest
 
-from service.db import libpq_url
-from service.migrations import current, downgrade, head, upgrade
+from core.db import libpq_url
+from core.migrations import current, downgrade, head, upgrade
 from tests.conftest import create_database, drop_database
 
 CATALOG_TABLES = {"categories", "brands", "products", "product_images", "price_rules"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service import validation
-from service.errors import InvalidArgument
-from service.pagetokens import PageTokens
+from core import validation
+from core.errors import InvalidArgument
+from core.pagetokens import PageTokens
 
 
 def test_token_round_trips_for_the_same_filters() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.pricing import final_price
+from core.pricing import final_price
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from service.db import libpq_url
-from service.settings import Settings
+from core.db import libpq_url
+from core.settings import Settings
 from tests.helpers import eventually
 from tests.processes import ServerProcess
 

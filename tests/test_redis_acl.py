@@ -27,11 +27,11 @@ from redis.exceptions import NoPermissionError
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from invalidator.publisher import Publisher
+from core.keys import Keys
+from core.publisher import Publisher
+from core.settings import Settings
+from devtools.localservers import RedisProcess, free_port
 from service.app import start
-from service.keys import Keys
-from service.localservers import RedisProcess, free_port
-from service.settings import Settings
 from tests.certs import Authority
 from tests.helpers import Delta, eventually
 

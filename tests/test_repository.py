@@ -17,10 +17,10 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
-from service.db import create_engine, is_connection_error, libpq_url
-from service.repository import LoadedProduct, Repository
-from service.seed import seed_catalog
-from service.settings import Settings
+from core.db import create_engine, is_connection_error, libpq_url
+from core.repository import LoadedProduct, Repository
+from core.settings import Settings
+from ops.seed import seed_catalog
 from tests.conftest import SEED_PRODUCTS
 
 NOW = datetime.now(UTC)

@@ -27,9 +27,9 @@ from sqlalchemy.engine import make_url
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.settings import PREFIX, Settings
+from devtools.localservers import RedisProcess, free_port, wait_for_port
 from service.app import start
-from service.localservers import RedisProcess, free_port, wait_for_port
-from service.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_the_service_and_the_invalidator_processes_keep_passwords_out_of_stderr(
     port = free_port()
     runs = {
         "serve": (
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, "-m", "service"],
             env_of(secrets, **{f"{PREFIX}GRPC_ADDRESS": f"127.0.0.1:{port}",
                                f"{PREFIX}METRICS_PORT": "0"}),
         ),
@@ -177,7 +177,7 @@ def test_the_service_and_the_invalidator_processes_keep_passwords_out_of_stderr(
 
 def test_cli_errors_name_the_url_without_its_password(secrets: Secrets) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "service", "migrate"],
+        [sys.executable, "-m", "ops", "migrate"],
         env=env_of(secrets), cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1
@@ -222,7 +222,7 @@ def test_sslmode_require_makes_the_cli_fail_with_a_clear_message(database_url: s
         f"{PREFIX}DATABASE_URL": with_query(database_url, sslmode="require"),
     }
     done = subprocess.run(
-        [sys.executable, "-m", "service", "migrate"],
+        [sys.executable, "-m", "ops", "migrate"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1
@@ -282,7 +282,7 @@ conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 def test_no_sql_is_built_from_strings() -> None:
     found = []
-    for package in ("service", "invalidator"):
+    for package in ("core", "service", "invalidator", "ops", "devtools"):
         for path in sorted((ROOT / package).rglob("*.py")):
             found += [f"{path.relative_to(ROOT)}:{n}" for n in string_built_sql(path.read_text())]
     assert not found, f"SQL built from strings (use bound parameters): {found}"

@@ -12,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.settings import Settings, SettingsError
+from core.tls import server_credentials
 from invalidator.health import Health
 from service.app import Service, start
-from service.settings import Settings, SettingsError
-from service.tls import server_credentials
 from tests.certs import Authority, Issued
 
 

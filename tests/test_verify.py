@@ -10,10 +10,10 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
-from service.cache.entry import payload
-from service.keys import NEGATIVE, Keys
-from service.settings import Settings
-from service.verify import verify
+from core.cache.entry import payload
+from core.keys import NEGATIVE, Keys
+from core.settings import Settings
+from ops.verify import verify
 from tests.processes import settings_env
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ async def _fill(stub: Stub) -> None:
 
 def _run_cli(settings: Settings) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service", "verify"],
+        [sys.executable, "-m", "ops", "verify"],
         env=settings_env(settings),
         capture_output=True,
         text=True,

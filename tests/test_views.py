@@ -13,10 +13,10 @@ from redis.asyncio import Redis
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.keys import Keys
+from core.settings import Settings
+from devtools.localservers import RedisProcess
 from service.app import Service, start
-from service.keys import Keys
-from service.localservers import RedisProcess
-from service.settings import Settings
 from tests.helpers import Delta
 
 if TYPE_CHECKING:

@@ -8,13 +8,13 @@ import psycopg
 import pytest
 from redis.asyncio import Redis
 
+from core.cache.reader import Reader
+from core.db import create_engine, libpq_url
+from core.keys import Keys
+from core.repository import Repository
+from core.settings import Settings
+from ops.cli import main
 from service.app import create_store
-from service.cache.reader import Reader
-from service.cli import main
-from service.db import create_engine, libpq_url
-from service.keys import Keys
-from service.repository import Repository
-from service.settings import Settings
 from tests.helpers import Delta, db_loads
 from tests.processes import settings_env
 

@@ -9,7 +9,7 @@ from grpc import aio
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from service.settings import Settings, SettingsError
+from core.settings import Settings, SettingsError
 from tests.processes import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -15,13 +15,13 @@ from redis.asyncio import Redis
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from invalidator.events import invalidation_for, parse
+from core.cache import entry
+from core.cache.store import FillItem
+from core.db import libpq_url
+from core.events import invalidation_for, parse
+from core.keys import Keys, Tag
+from core.settings import Settings
 from service.app import Service, create_store, start
-from service.cache import entry
-from service.cache.store import FillItem
-from service.db import libpq_url
-from service.keys import Keys, Tag
-from service.settings import Settings
 from tests.helpers import Delta
 from tests.processes import ServerProcess
 
@@ -273,8 +273,8 @@ async def test_write_through_that_loses_its_lease_leaves_no_older_entry(
     """Two updates overlap: the second write-through takes the lease over while the first is
     reading. The first's fill is refused; the old entry must not stay behind until the second
     lands (its caller already has the new version and would read the old one)."""
-    from service.cache.loader import Loader
-    from service.db import create_engine
+    from core.cache.loader import Loader
+    from core.db import create_engine
     from tests.cache.test_reader import PausedAfterRead
 
     engine = create_engine(writable)

@@ -14,14 +14,14 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
+from core.cache import entry
+from core.cache.reader import Reader
+from core.db import create_engine, libpq_url
+from core.keys import Keys, Tag
+from core.repository import Repository
+from core.settings import Settings
+from devtools.localservers import RedisProcess
 from service.app import create_redis, create_store
-from service.cache import entry
-from service.cache.reader import Reader
-from service.db import create_engine, libpq_url
-from service.keys import Keys, Tag
-from service.localservers import RedisProcess
-from service.repository import Repository
-from service.settings import Settings
 from tests.conftest import SEED_PRODUCTS
 
 IDS = [f"p{n:07d}" for n in range(1, SEED_PRODUCTS + 1)]

@@ -13,13 +13,13 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
+from core.cache import entry
+from core.cache.reader import Reader
+from core.db import create_engine
+from core.keys import Keys, Tag
+from core.repository import Repository
+from core.settings import Settings
 from service.app import create_store
-from service.cache import entry
-from service.cache.reader import Reader
-from service.db import create_engine
-from service.keys import Keys, Tag
-from service.repository import Repository
-from service.settings import Settings
 from tests.cache.test_reader import PausedAfterRead, db_execute
 from tests.helpers import Delta, db_loads, eventually
 

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from catalog.v1 import catalog_pb2 as pb
-from service.cache import ttl, wire
-from service.cache.breaker import CircuitBreaker
-from service.cache.singleflight import SingleFlight
+from core.cache import ttl, wire
+from core.cache.breaker import CircuitBreaker
+from core.cache.singleflight import SingleFlight
 
 
 class Clock:
@@ -190,7 +190,7 @@ async def test_singleflight_background_load_outlives_a_caller_that_leaves() -> N
 
 
 def test_page_body_round_trips_and_keeps_ids_between_the_first_two_newlines() -> None:
-    from service.cache import entry
+    from core.cache import entry
 
     body = entry.PageBody("p0000040", ["p0000021", "p0000030"], "c1", "", "p0000020", 2)
     packed = entry.pack_page(body)

@@ -15,15 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.cache import entry
+from core.cache.reader import Reader
+from core.cache.store import Acquired, FillItem
+from core.db import create_engine, libpq_url
+from core.keys import Keys, Tag
+from core.repository import LoadedProduct, Repository
+from core.settings import Settings
+from devtools.localservers import RedisProcess
 from service.app import create_store, start
-from service.cache import entry
-from service.cache.reader import Reader
-from service.cache.store import Acquired, FillItem
-from service.db import create_engine, libpq_url
-from service.keys import Keys, Tag
-from service.localservers import RedisProcess
-from service.repository import LoadedProduct, Repository
-from service.settings import Settings
 from tests.helpers import Delta, eventually
 
 PID = "p0000005"

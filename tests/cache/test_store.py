@@ -7,10 +7,10 @@ import random
 
 from redis.asyncio import Redis
 
+from core.cache.store import CacheStore, FillItem
+from core.keys import Keys, Tag
+from core.settings import Settings
 from service.app import create_store
-from service.cache.store import CacheStore, FillItem
-from service.keys import Keys, Tag
-from service.settings import Settings
 
 
 def _store(redis: Redis, settings: Settings, **changes: object) -> CacheStore:

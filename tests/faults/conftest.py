@@ -29,11 +29,11 @@ from grpc import aio
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.db import libpq_url
+from core.settings import Settings
+from devtools.localservers import PostgresCluster
+from devtools.serverprocess import settings_env
 from service.app import Service, start
-from service.db import libpq_url
-from service.localservers import PostgresCluster
-from service.serverprocess import settings_env
-from service.settings import Settings
 from tests.conftest import SEED_PRODUCTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +44,8 @@ PRODUCT_IDS = [f"p{n:07d}" for n in range(1, SEED_PRODUCTS + 1)]
 def pg_cluster() -> Iterator[PostgresCluster]:
     """A PostgreSQL server of this test's own (stop, kill and restart are allowed), migrated
     and seeded like the shared test database."""
-    from service.migrations import upgrade
-    from service.seed import seed_catalog
+    from core.migrations import upgrade
+    from ops.seed import seed_catalog
 
     workdir = Path(tempfile.mkdtemp(prefix="catalog-fault-pg-"))
     if os.geteuid() == 0:

@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.db import libpq_url
+from core.keys import Keys
+from core.settings import Settings
 from service.app import Service
-from service.db import libpq_url
-from service.keys import Keys
-from service.settings import Settings
 from tests.faults.conftest import active_queries, start_service, wait_until
 from tests.helpers import Delta
 

@@ -13,13 +13,13 @@ import pytest
 import sqlalchemy as sa
 from redis.asyncio import Redis
 
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.publisher import Publisher
+from core.db import create_engine
+from core.events import PRODUCT_UPDATED, new_event
+from core.keys import Keys
+from core.publisher import Publisher
+from core.settings import Settings
+from ops.verify import render, verify
 from service.app import Service
-from service.db import create_engine
-from service.keys import Keys
-from service.settings import Settings
-from service.verify import render, verify
 from tests.faults.conftest import (
     PRODUCT_IDS,
     Invalidators,

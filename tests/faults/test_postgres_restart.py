@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.localservers import PostgresCluster
-from service.serverprocess import ServerProcess
-from service.settings import Settings
+from core.settings import Settings
+from devtools.localservers import PostgresCluster
+from devtools.serverprocess import ServerProcess
 from tests.faults.conftest import ReadLoad, wait_until
 
 pytestmark = pytest.mark.fault

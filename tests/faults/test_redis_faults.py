@@ -6,7 +6,7 @@ resume within 5 s of Redis' return; while Redis is paused 2 s no read exceeds it
 a restart that loses the stream and its group, the invalidator recreates the group, the events
 published afterwards are applied and acked, and the cold cache is correct (``verify``: 0 stale).
 The deadline of every read is 2 s. A read that falls back pays at most the Redis command timeout
-(0.25 s) and a lease wait of at most half its remaining time (service/deadlines.py) before
+(0.25 s) and a lease wait of at most half its remaining time (core/deadlines.py) before
 PostgreSQL, so it fits any deadline by construction; 2 s rather than the 0.5 s callers use
 absorbs the scheduling stalls of a shared 2-core machine (1 s stalls seen at load average 6).
 """
@@ -22,13 +22,13 @@ from redis.asyncio import Redis
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from service.db import create_engine
-from service.keys import Keys
-from service.localservers import RedisProcess
-from service.serverprocess import ServerProcess
-from service.settings import Settings
-from service.verify import render, verify
-from service.workload import update_through_outbox
+from core.db import create_engine
+from core.keys import Keys
+from core.settings import Settings
+from devtools.localservers import RedisProcess
+from devtools.serverprocess import ServerProcess
+from devtools.workload import update_through_outbox
+from ops.verify import render, verify
 from tests.faults.conftest import (
     PRODUCT_IDS,
     Invalidators,

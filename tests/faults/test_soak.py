@@ -38,13 +38,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from service.db import create_engine
-from service.keys import Keys
-from service.localservers import PostgresCluster, RedisProcess
-from service.serverprocess import ServerProcess
-from service.settings import Settings
-from service.verify import render, verify
-from service.workload import update_through_outbox, zipf_draws
+from core.db import create_engine
+from core.keys import Keys
+from core.settings import Settings
+from devtools.localservers import PostgresCluster, RedisProcess
+from devtools.serverprocess import ServerProcess
+from devtools.workload import update_through_outbox, zipf_draws
+from ops.verify import render, verify
 from tests.faults.conftest import (
     PRODUCT_IDS,
     Invalidators,

@@ -12,13 +12,13 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
+from core.cache.store import CacheStore, FillItem
+from core.keys import Keys, Tag
+from core.publisher import Publisher
+from core.settings import Settings
 from invalidator.consumer import Consumer
-from invalidator.publisher import Publisher
 from invalidator.settings import InvalidatorSettings
 from invalidator.worker import redis_clients
-from service.cache.store import CacheStore, FillItem
-from service.keys import Keys, Tag
-from service.settings import Settings
 from tests.helpers import delete_namespace
 
 FAST = {

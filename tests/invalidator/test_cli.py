@@ -9,9 +9,9 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from core.keys import Keys
+from core.settings import Settings
 from invalidator.settings import InvalidatorSettings
-from service.keys import Keys
-from service.settings import Settings
 from tests.invalidator.conftest import entries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProce
         **env,
     }
     return subprocess.run(
-        [sys.executable, "-m", "invalidator", *args],
+        [sys.executable, "-m", "ops", *args],
         env=environ,
         cwd=ROOT,
         capture_output=True,

@@ -10,9 +10,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from invalidator.consumer import Consumer
-from invalidator.deadletter import list_dead_letters, redrive
-from invalidator.events import (
+from core.cache.store import CacheStore
+from core.events import (
     BRAND_UPDATED,
     CATEGORY_UPDATED,
     PRODUCT_CREATED,
@@ -20,12 +19,13 @@ from invalidator.events import (
     Invalidation,
     new_event,
 )
-from invalidator.publisher import Publisher
+from core.keys import Keys, Tag
+from core.publisher import Publisher
+from core.settings import Settings
+from invalidator.consumer import Consumer
+from invalidator.deadletter import list_dead_letters, redrive
 from invalidator.settings import InvalidatorSettings
 from invalidator.worker import redis_clients
-from service.cache.store import CacheStore
-from service.keys import Keys, Tag
-from service.settings import Settings
 from tests.helpers import eventually
 from tests.invalidator.conftest import Consumers, exists, fill, group_info
 
@@ -114,7 +114,7 @@ async def test_rename_voids_fills_in_flight(
     consumers.start("c")
     await publisher.publish(new_event(CATEGORY_UPDATED, category_id="c1"))
     await eventually(lambda: drained(redis, keys), what="rename acked")
-    from service.cache.store import FillItem
+    from core.cache.store import FillItem
 
     item = FillItem(key, b"old name", 60_000, [keys.tag(Tag.category("c1"))])
     assert await store.fill(got.token, got.generation, [item]) == [False]

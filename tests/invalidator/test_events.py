@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from invalidator.events import (
+from core.events import (
     BRAND_UPDATED,
     CATEGORY_UPDATED,
     PRODUCT_CREATED,
@@ -18,7 +18,7 @@ from invalidator.events import (
     tags_for,
     to_fields,
 )
-from service.keys import Tag
+from core.keys import Tag
 
 BASE = {"schema": "1", "event_id": "e1", "occurred_at": "1700000000000"}
 
@@ -167,7 +167,7 @@ def test_only_renames_bump_the_generation() -> None:
 
 
 def test_versioned_product_updates_keep_entries_at_or_past_the_highest_version() -> None:
-    from invalidator.events import invalidation_for
+    from core.events import invalidation_for
 
     v3 = new_event(PRODUCT_UPDATED, product_id="p1", version=3)
     v5 = new_event(PRODUCT_UPDATED, product_id="p1", version=5)

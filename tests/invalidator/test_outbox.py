@@ -11,10 +11,11 @@ import sqlalchemy as sa
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.outbox import OutboxRelay, add_to_outbox, outbox
-from invalidator.publisher import Publisher
-from service.keys import Keys
+from core.events import PRODUCT_UPDATED, new_event
+from core.keys import Keys
+from core.outbox import add_to_outbox, outbox
+from core.publisher import Publisher
+from invalidator.outbox import OutboxRelay
 from tests.helpers import eventually
 from tests.invalidator.conftest import entries
 

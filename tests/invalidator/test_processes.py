@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.publisher import Publisher
-from service.cache.store import CacheStore
-from service.keys import Keys, Tag
-from service.settings import Settings
+from core.cache.store import CacheStore
+from core.events import PRODUCT_UPDATED, new_event
+from core.keys import Keys, Tag
+from core.publisher import Publisher
+from core.settings import Settings
 from tests.helpers import eventually
 from tests.invalidator.conftest import exists, fill, group_info
 

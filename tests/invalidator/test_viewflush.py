@@ -19,11 +19,11 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.db import libpq_url
+from core.keys import Keys
+from core.settings import Settings
+from devtools.localservers import RedisProcess
 from invalidator.viewflush import ViewFlusher
-from service.db import libpq_url
-from service.keys import Keys
-from service.localservers import RedisProcess
-from service.settings import Settings
 from service.views import ViewCounter
 from tests.helpers import Delta, eventually, metric
 

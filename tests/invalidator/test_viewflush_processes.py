@@ -20,11 +20,11 @@ from redis.asyncio import Redis
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from service.db import libpq_url
-from service.keys import Keys
-from service.localservers import free_port, wait_for_port
-from service.serverprocess import ServerProcess, scrape, settings_env
-from service.settings import Settings
+from core.db import libpq_url
+from core.keys import Keys
+from core.settings import Settings
+from devtools.localservers import free_port, wait_for_port
+from devtools.serverprocess import ServerProcess, scrape, settings_env
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]

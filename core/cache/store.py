@@ -1,7 +1,7 @@
 """Redis I/O of the cache: reads, leases, fills and tag invalidation, one round trip each.
 
 This class has no policy: no breaker, no retries, no fallback. The read path
-(``service.cache.reader``) adds those; the invalidator calls :meth:`CacheStore.invalidate`
+(``core.cache.reader``) adds those; the invalidator calls :meth:`CacheStore.invalidate`
 directly and must see every error, because an invalidation that silently did nothing would leave
 stale data behind.
 """
@@ -15,8 +15,8 @@ from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 
-from service.cache import entry, scripts
-from service.keys import LEASE_SUFFIX, Keys, Tag
+from core.cache import entry, scripts
+from core.keys import LEASE_SUFFIX, Keys, Tag
 
 # ACQUIRE's per-entry outcome: the value already cached, or whether this call got the lease.
 Outcome = bytes | bool

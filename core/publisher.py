@@ -2,7 +2,7 @@
 
 Writers that change our PostgreSQL should use the outbox (:mod:`invalidator.outbox`) instead: a
 direct XADD after COMMIT is lost if the process dies between the two. Every entry is validated by
-:func:`invalidator.events.new_event` before it is written, and the stream is trimmed with
+:func:`core.events.new_event` before it is written, and the stream is trimmed with
 ``MAXLEN ~`` (approximate: O(1) amortised) on every XADD.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from invalidator.events import PRODUCT_UPDATED, Event, new_event, to_fields
-from service.keys import Keys
+from core.events import PRODUCT_UPDATED, Event, new_event, to_fields
+from core.keys import Keys
 
 
 @dataclass(frozen=True, slots=True)

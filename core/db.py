@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from service.settings import Settings
+from core.settings import Settings
 
 # SQLSTATE prefixes of server errors that say "not now" rather than "wrong query": class 08
 # (connection exception), 53 (insufficient resources, e.g. too many connections), 57P (admin or

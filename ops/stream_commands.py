@@ -1,9 +1,8 @@
-"""Command line of the invalidator: ``invalidator`` (the process), ``dlq`` and ``publish``.
+"""``catalog dlq`` and ``catalog publish``: the operator's side of the event stream.
 
-:func:`register` adds the three subcommands to any argparse subparsers object; each sets
-``handler(settings, args) -> exit status``, the contract of ``service.cli`` (``catalog
-invalidator``, ``catalog dlq``, ``catalog publish``). :func:`main` is ``python -m invalidator``
-(no subcommand = run the process). Configuration errors exit 2 with a one-line message.
+Each handler gets the base settings and the parsed arguments and returns the exit status (the
+contract of :mod:`ops.cli`); invalidator settings are read here, and their errors exit 2 like any
+configuration error.
 """
 
 from __future__ import annotations
@@ -11,41 +10,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
+from core.events import EVENT_TYPES, ID_FIELDS, ParseError, new_event
+from core.publisher import Publisher
+from core.settings import Settings
 from invalidator.deadletter import list_dead_letters, redrive
-from invalidator.events import EVENT_TYPES, ID_FIELDS, ParseError, new_event
-from invalidator.publisher import Publisher
 from invalidator.settings import InvalidatorSettings
-from service.settings import Settings, SettingsError
 
 T = TypeVar("T")
-Handler = Callable[[Settings, argparse.Namespace], int]
-
-
-def _guarded(handler: Handler) -> Handler:
-    """Invalidator settings are read by the handler: report their errors like the CLI does."""
-
-    def run(base: Settings, args: argparse.Namespace) -> int:
-        try:
-            return handler(base, args)
-        except SettingsError as exc:
-            print(f"catalog {args.command}: configuration error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def register(subparsers: Any) -> None:
-    """Add ``invalidator``, ``dlq`` and ``publish`` to an ``add_subparsers()`` object."""
-    run = subparsers.add_parser(
-        "invalidator", help="consume cache-invalidation events (and relay the outbox)"
-    )
-    run.set_defaults(handler=_guarded(_invalidator))
-
+    """Add ``dlq`` and ``publish`` to an ``add_subparsers()`` object."""
     dlq = subparsers.add_parser("dlq", help="list or re-drive dead-lettered events")
     actions = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
     show = actions.add_parser("list", help="print dead letters, oldest first")
@@ -54,14 +34,14 @@ def register(subparsers: Any) -> None:
     again = actions.add_parser("redrive", help="append dead letters to the event stream again")
     again.add_argument("ids", nargs="*", help="dead-letter entry ids")
     again.add_argument("--all", action="store_true", help="every dead letter")
-    dlq.set_defaults(handler=_guarded(_dlq))
+    dlq.set_defaults(handler=_dlq)
 
     pub = subparsers.add_parser("publish", help="publish one event (XADD to the event stream)")
     pub.add_argument("type", choices=EVENT_TYPES)
     for name in ID_FIELDS:
         pub.add_argument("--" + name.replace("_", "-"), default="", dest=name)
     pub.add_argument("--version", type=int, default=0)
-    pub.set_defaults(handler=_guarded(_publish))
+    pub.set_defaults(handler=_publish)
 
 
 def _with_redis(
@@ -79,12 +59,6 @@ def _with_redis(
             await redis.aclose()
 
     return asyncio.run(go())
-
-
-def _invalidator(base: Settings, args: argparse.Namespace) -> int:
-    from invalidator.worker import run
-
-    return asyncio.run(run(base, InvalidatorSettings.from_env()))
 
 
 def _dlq(base: Settings, args: argparse.Namespace) -> int:
@@ -130,10 +104,3 @@ def _publish(base: Settings, args: argparse.Namespace) -> int:
     )
     print(f"{entry_id} {event.type} event_id={event.event_id}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m invalidator [COMMAND ...]``: the ``catalog`` CLI, ``invalidator`` by default."""
-    from service.cli import main as catalog_main
-
-    return catalog_main(list(sys.argv[1:] if argv is None else argv) or ["invalidator"])

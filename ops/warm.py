@@ -18,10 +18,10 @@ from typing import TextIO
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.cache.reader import Reader
-from service.keys import Keys
-from service.repository import Repository
-from service.settings import Settings
+from core.cache.reader import Reader
+from core.keys import Keys
+from core.repository import Repository
+from core.settings import Settings
 
 BATCH = 100
 PAGE_SIZE = 20
@@ -88,8 +88,8 @@ def _progress(out: TextIO, what: str, done: int, total: int) -> None:
 
 async def warm_cache(settings: Settings, top: int, categories: int, rate: float) -> Warmed:
     """``catalog warm``: build the clients the service uses, warm, close them."""
+    from core.db import create_engine
     from service.app import create_redis, create_store
-    from service.db import create_engine
 
     engine = create_engine(settings)
     redis = create_redis(settings, socket_timeout=5.0)

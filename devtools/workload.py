@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.outbox import add_to_outbox
+from core.events import PRODUCT_UPDATED, new_event
+from core.outbox import add_to_outbox
 
 UPDATE = sa.text(
     "UPDATE products SET stock = stock + 1, version = version + 1, updated_at = now() "

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from service.keys import Tag
+from core.keys import Tag
 
 SCHEMA: Final = "1"
 PRODUCT_UPDATED: Final = "product.updated"

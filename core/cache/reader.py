@@ -19,15 +19,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from service import deadlines, metrics
-from service.cache import entry
-from service.cache.breaker import CircuitBreaker
-from service.cache.loader import REDIS_FAILURES, Loader
-from service.cache.singleflight import SingleFlight
-from service.cache.store import CacheStore
-from service.keys import Keys
-from service.repository import Repository
-from service.settings import Settings
+from core import deadlines, metrics
+from core.cache import entry
+from core.cache.breaker import CircuitBreaker
+from core.cache.loader import REDIS_FAILURES, Loader
+from core.cache.singleflight import SingleFlight
+from core.cache.store import CacheStore
+from core.keys import Keys
+from core.repository import Repository
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 _H = entry.HEADER_LEN
@@ -271,7 +271,7 @@ class Reader:
 
     async def _wait_for(self, store: CacheStore, key: str) -> bytes | None:
         """Poll for another reader's fill, at most lease_wait_ms and half the caller's time
-        left (:mod:`service.deadlines`); None if it did not come."""
+        left (:mod:`core.deadlines`); None if it did not come."""
         poll = self.settings.lease_poll_ms / 1000.0
         deadline = time.monotonic() + deadlines.wait_budget(self.settings.lease_wait_ms / 1000.0)
         while time.monotonic() < deadline:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from service.errors import InvalidArgument
+from core.errors import InvalidArgument
 
 MAX_ID_LENGTH = 64
 DEFAULT_PAGE_SIZE = 20

@@ -16,12 +16,12 @@ from typing import Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from service import metrics
-from service.cache import entry, ttl
-from service.cache.store import Acquired, CacheStore, FillItem
-from service.keys import NEGATIVE, Keys, Tag
-from service.repository import LoadedProduct, Repository
-from service.settings import Settings
+from core import metrics
+from core.cache import entry, ttl
+from core.cache.store import Acquired, CacheStore, FillItem
+from core.keys import NEGATIVE, Keys, Tag
+from core.repository import LoadedProduct, Repository
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,11 +1,10 @@
-"""The ``catalog`` command line: one subcommand per operational task.
+"""The ``catalog`` command line (``python -m ops``): one subcommand per operational task.
 
-Invariants: :class:`Settings` is built once, here, from the environment and passed to the
-subcommand; a configuration error exits with status 2 and a one-line message, PostgreSQL being
-unreachable exits with status 1 and a message naming the (password-free) URL, and a bug still
-shows its traceback. A subcommand is a ``(name, help, add_arguments, handler)`` entry of
-:data:`COMMANDS`; its handler gets the settings and the parsed arguments and returns the exit
-status.
+Invariants: :class:`Settings` is built once from the environment and passed to the subcommand, with
+the exit-status contract of :mod:`core.entrypoint` (2: configuration error, 1: PostgreSQL
+unreachable). A subcommand is a ``(name, help, add_arguments, handler)`` entry of
+:data:`COMMANDS`, or is added by :func:`ops.stream_commands.register`; its handler gets the
+settings and the parsed arguments and returns the exit status.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.db import is_connection_error
-from service.settings import Settings, SettingsError
+from core import entrypoint
+from core.settings import Settings
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 
@@ -32,7 +31,7 @@ class Command:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from service.migrations import current, upgrade
+    from core.migrations import current, upgrade
 
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # start-up chatter
     upgrade(settings.database_url)
@@ -41,23 +40,30 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--workers",
-        type=_positive_int,
-        help="server processes sharing the port (default: CATALOG_WORKERS)",
-    )
+    from service.workers import add_arguments
+
+    add_arguments(parser)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from service.workers import serve
 
-    if args.workers is not None:
-        settings = settings.replace(workers=args.workers)
-    return serve(settings)
+    return serve(settings, args.workers)
+
+
+def _invalidator(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from invalidator.settings import InvalidatorSettings
+    from invalidator.worker import run
+
+    return asyncio.run(run(settings, InvalidatorSettings.from_env()))
 
 
 def _warm_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top", type=_positive_int, default=1000, help="most viewed products")
+    parser.add_argument(
+        "--top", type=entrypoint.positive_int, default=1000, help="most viewed products"
+    )
     parser.add_argument(
         "--categories", type=int, default=20, help="first pages of the busiest categories"
     )
@@ -69,7 +75,7 @@ def _warm_arguments(parser: argparse.ArgumentParser) -> None:
 def _warm(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
-    from service.warm import warm_cache
+    from ops.warm import warm_cache
 
     warmed = asyncio.run(warm_cache(settings, args.top, args.categories, args.rate))
     source = "view counts" if warmed.from_stats else "no view counts yet: first products by id"
@@ -106,13 +112,13 @@ def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _seed_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--products", type=_positive_int, default=10_000, help="how many")
+    parser.add_argument("--products", type=entrypoint.positive_int, default=10_000, help="how many")
     parser.add_argument("--seed", type=int, default=42, help="random seed (same seed, same data)")
     parser.add_argument("--reset", action="store_true", help="delete the current catalog first")
 
 
 def _seed(settings: Settings, args: argparse.Namespace) -> int:
-    from service.seed import seed_catalog
+    from ops.seed import seed_catalog
 
     started = time.perf_counter()
     written = seed_catalog(settings.database_url, args.products, args.seed, args.reset)
@@ -129,9 +135,9 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
     from redis.asyncio import Redis
 
-    from service.db import create_engine
-    from service.keys import Keys
-    from service.verify import render, verify
+    from core.db import create_engine
+    from core.keys import Keys
+    from ops.verify import render, verify
 
     async def go() -> int:
         redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
@@ -149,6 +155,9 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "run the gRPC service until SIGTERM/SIGINT", _serve, _serve_arguments),
+    Command(
+        "invalidator", "consume cache-invalidation events (and relay the outbox)", _invalidator
+    ),
     Command("warm", "load popular products into the cache", _warm, _warm_arguments),
     Command(
         "healthcheck", "exit 0 if a server reports SERVING", _healthcheck, _healthcheck_arguments
@@ -163,29 +172,8 @@ COMMANDS: tuple[Command, ...] = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"catalog: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
     handler: Handler = args.handler
-    try:
-        return handler(settings, args)
-    except SettingsError as exc:  # found while starting, e.g. an unreadable TLS file
-        print(f"catalog: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if not is_connection_error(exc):
-            raise
-        print(
-            f"catalog {args.command}: PostgreSQL unreachable at {settings.database_url_safe}: "
-            f"{getattr(exc, 'orig', None) or exc}",
-            file=sys.stderr,
-        )
-        return 1
+    return entrypoint.run(f"catalog {args.command}", lambda settings: handler(settings, args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -198,14 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
         sub.set_defaults(handler=command.handler)
-    from invalidator.cli import register
+    from ops.stream_commands import register
 
     register(commands)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value

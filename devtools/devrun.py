@@ -27,16 +27,16 @@ import redis
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
-from service.localservers import PostgresCluster, RedisProcess
-from service.settings import Settings, SettingsError, redact_url
+from core.settings import Settings, SettingsError, redact_url
+from devtools.localservers import PostgresCluster, RedisProcess
 
 # The processes of a development stack, started in this order and stopped in reverse.
 CHILDREN: list[tuple[str, list[str]]] = [
-    ("service", [sys.executable, "-m", "service", "serve"]),
+    ("service", [sys.executable, "-m", "service"]),
     ("invalidator", [sys.executable, "-m", "invalidator"]),
 ]
 
-WARM = [sys.executable, "-m", "service", "warm", "--top", "1000"]
+WARM = [sys.executable, "-m", "ops", "warm", "--top", "1000"]
 RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
 READY_TIMEOUT_S = 60.0
 log = logging.getLogger("devrun")
@@ -47,7 +47,7 @@ class _Stop(BaseException):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.devrun", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.devrun", description=__doc__)
     parser.add_argument("--products", type=int, default=10_000, help="products to seed")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="where private servers live")
     args = parser.parse_args(argv)
@@ -86,8 +86,8 @@ def _run(settings: Settings, run_dir: Path, products: int, cleanup: contextlib.E
     settings = _ensure_postgres(settings, run_dir, cleanup)
     settings = _ensure_redis(settings, run_dir, cleanup)
 
-    from service.migrations import upgrade
-    from service.seed import seed_catalog
+    from core.migrations import upgrade
+    from ops.seed import seed_catalog
 
     log.info("migrating %s", settings.database_url_safe)
     upgrade(settings.database_url)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.localservers import children, free_port, wait_for_port
-from service.settings import PREFIX, Settings
+from core.settings import PREFIX, Settings
+from devtools.localservers import children, free_port, wait_for_port
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -50,7 +50,7 @@ class ServerProcess:
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     #: What ``python`` runs: the service, or another server taking the same settings.
-    command: tuple[str, ...] = ("-m", "service", "serve")
+    command: tuple[str, ...] = ("-m", "service")
 
     def start(self) -> ServerProcess:
         settings = self.settings.replace(

@@ -13,7 +13,7 @@ Invariants:
 - SQL is built with SQLAlchemy Core from constant structures, once, at import: values are always
   bound parameters. List statements exist per filter combination so each uses its own index
   ((category_id, id), (brand_id, id), (category_id, brand_id, id) or the primary key).
-- Errors propagate unchanged; callers classify them with ``service.db.is_connection_error``.
+- Errors propagate unchanged; callers classify them with ``core.db.is_connection_error``.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
-from service import metrics
-from service.pricing import final_price
+from core import metrics
+from core.pricing import final_price
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import binascii
 import hashlib
 import hmac
 
-from service.errors import InvalidArgument
+from core.errors import InvalidArgument
 
 _MAC_BYTES = 16
 _VERSION = b"\x01"

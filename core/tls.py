@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from service.settings import PREFIX, Settings, SettingsError
+from core.settings import PREFIX, Settings, SettingsError
 
 
 def _read(path: str, setting: str) -> bytes:

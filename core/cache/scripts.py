@@ -55,7 +55,7 @@ end
 return out
 """
 
-# Version of a cached entry (see service/cache/entry.py): 0 for pages and negative entries.
+# Version of a cached entry (see core/cache/entry.py): 0 for pages and negative entries.
 _VERSION_OF = """
 local function version_of(v)
   if v and string.sub(v, 1, 1) == 'E' then return tonumber(string.sub(v, 2, 21)) end
@@ -159,7 +159,7 @@ return n
 )
 
 # KEYS: page key.  ARGV: product key prefix, product key suffix, entry header length.
-# A page entry's payload starts "<next_after_id>\n<id>,<id>,...\n" (service/cache/entry.py
+# A page entry's payload starts "<next_after_id>\n<id>,<id>,...\n" (core/cache/entry.py
 # pack_page); the ids are read between the first two newlines. Returns false on a miss, else
 # {page, product1 or false, product2 or false, ...} in page order.
 ASSEMBLE_PAGE = """

@@ -23,7 +23,7 @@ from typing import Any, LiteralString
 
 import psycopg
 
-from service.db import libpq_url
+from core.db import libpq_url
 
 _SEED_LOCK_KEY = 0x636174616C6F68  # arbitrary, shared by every seeding process
 

@@ -29,9 +29,9 @@ from typing import cast
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.cache import entry
-from service.keys import LEASE_SUFFIX, NEGATIVE, Keys
-from service.repository import LoadedProduct, Repository
+from core.cache import entry
+from core.keys import LEASE_SUFFIX, NEGATIVE, Keys
+from core.repository import LoadedProduct, Repository
 
 BATCH = 500
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from service.metrics import BREAKER_OPEN
+from core.metrics import BREAKER_OPEN
 
 
 class CircuitBreaker:
