@@ -73,3 +73,36 @@ def test_an_initialised_cluster_is_reused_on_its_port(cluster_dir: Path) -> None
     assert reused.port == first.port
     with reused:
         assert _select_one(reused.url) == 1
+
+
+def test_redis_cluster_forms_serves_every_slot_and_fails_over(tmp_path: Path) -> None:
+    """Three primaries with a replica each: every slot is served; killing a primary promotes its
+    replica and the cluster is whole again."""
+    import redis
+
+    from devtools.rediscluster import RedisCluster
+
+    with RedisCluster(tmp_path / "cluster", primaries=3, replicas=1) as cluster:
+        client = redis.RedisCluster.from_url(cluster.url)
+        try:
+            keys = [f"k{i}" for i in range(300)]
+            for key in keys:
+                client.set(key, key)
+            slots = {client.keyslot(k) for k in keys}  # type: ignore[no-untyped-call]
+            owners = {client.get_node_from_key(k).port for k in keys}  # type: ignore[no-untyped-call]
+            assert len(slots) > 100 and len(owners) == 3
+            before = sorted(cluster.primaries())
+            assert len(before) == 3
+
+            victim = owners.pop()
+            cluster.node(victim).stop()
+            cluster.wait_ok()
+            after = cluster.primaries()
+            assert victim not in after and len(after) == 3
+        finally:
+            client.close()
+        client = redis.RedisCluster.from_url(f"redis://127.0.0.1:{after[0]}/0")
+        try:
+            assert [client.get(k) for k in keys] == [k.encode() for k in keys]
+        finally:
+            client.close()
