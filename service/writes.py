@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 UPDATABLE = ("name", "description", "stock", "base_price", "category", "brand")
 MAX_NAME, MAX_DESCRIPTION, MAX_STOCK = 200, 10_000, 2**31 - 1
 _CURRENCY = re.compile(r"[A-Z]{3}")
+# C0 and C1 control characters. PostgreSQL rejects NUL in text; the others would reach clients'
+# screens and logs. A description may keep tabs and line breaks; a name may not.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 _products = sa.table(
     "products",
@@ -70,10 +74,17 @@ def parse_update(request: pb.UpdateProductRequest) -> Change:
     if "name" in paths:
         if not p.name.strip() or len(p.name) > MAX_NAME:
             raise InvalidArgument(f"product.name must be 1 to {MAX_NAME} characters")
+        if _CONTROL.search(p.name):
+            raise InvalidArgument("product.name must not contain control characters")
         values["name"] = p.name
     if "description" in paths:
         if len(p.description) > MAX_DESCRIPTION:
             raise InvalidArgument(f"product.description is longer than {MAX_DESCRIPTION}")
+        if _CONTROL_IN_TEXT.search(p.description):
+            raise InvalidArgument(
+                "product.description must not contain control characters other than tab and "
+                "line breaks"
+            )
         values["description"] = p.description
     if "stock" in paths:
         if not 0 <= p.stock <= MAX_STOCK:
