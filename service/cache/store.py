@@ -127,7 +127,7 @@ class CacheStore:
         bump = "1" if any(t.embeds_name for t in tag_list) else "0"
         script_keys = [self.keys.generation, *(self.keys.tag(t) for t in tag_list)]
         versions = min_versions or {}
-        args: list[str | int] = [bump, LEASE_SUFFIX]
+        args: list[str | int] = [bump, LEASE_SUFFIX, self.tag_margin_ms]
         for t in tag_list:
             args += (versions.get(t, 0), self.keys.product(t.product_id) if t.product_id else "")
         n: int = await self._invalidate(keys=script_keys, args=args)
