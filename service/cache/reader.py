@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from service import deadlines, metrics
 from service.cache import entry
 from service.cache.breaker import CircuitBreaker
-from service.cache.loader import REDIS_FAILURES, Loader
+from service.cache.loader import EMPTY_PAGE, REDIS_FAILURES, Loader
 from service.cache.singleflight import SingleFlight
 from service.cache.store import CacheStore
 from service.keys import Keys
@@ -68,7 +68,7 @@ class Reader:
             Loader(store, repo, keys, settings, self._redis_failed) if store is not None else None
         )
         self._products: SingleFlight[bytes | None] = SingleFlight()
-        self._pages: SingleFlight[None] = SingleFlight()
+        self._pages: SingleFlight[bool] = SingleFlight()
         self._refreshes: SingleFlight[None] = SingleFlight()
         self._rand = random.Random()
 
@@ -190,12 +190,14 @@ class Reader:
             page_key = self.keys.page(category_id, brand_id, after_id, page_size)
 
             args = (page_key, category_id, brand_id, after_id, page_size)
+            empty = False
             try:
                 reply = await loader.store.assemble_page(page_key)
                 if reply is None:
                     _MISS["list"].inc()
-                    await self._pages.do(page_key, lambda: self._fill_page(loader, *args))
-                    reply = await loader.store.assemble_page(page_key)
+                    empty = await self._pages.do(page_key, lambda: self._fill_page(loader, *args))
+                    if not empty:
+                        reply = await loader.store.assemble_page(page_key)
                 else:
                     _HIT["list"].inc()
                     if self._due(reply[0] or b"", self.settings.page_xfetch_beta):
@@ -205,6 +207,8 @@ class Reader:
                 self._redis_failed(exc)
             else:
                 self.breaker.success()
+                if empty:
+                    return Page([], "")
                 if reply is not None:
                     return await self._complete_page(loader, reply)
         else:
@@ -223,12 +227,14 @@ class Reader:
         brand_id: str,
         after_id: str,
         page_size: int,
-    ) -> None:
-        """Make the page entry exist, or give up (the caller then reads PostgreSQL)."""
+    ) -> bool:
+        """Make the page entry exist, or give up (the caller then reads PostgreSQL). True when
+        the page is empty: such pages are never cached."""
         got = await loader.fill_page(page_key, category_id, brand_id, after_id, page_size, "miss")
         if got is False:
             metrics.LEASE_WAITS.inc()
             await self._wait_for(loader.store, page_key)
+        return got == EMPTY_PAGE
 
     async def _complete_page(self, loader: Loader, reply: list[bytes | None]) -> Page:
         head, _, rest = (reply[0] or b"")[_H:].partition(b"\n")

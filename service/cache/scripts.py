@@ -101,6 +101,17 @@ return out
 """
 )
 
+# KEYS: lease, then the tag sets its value key was registered in.  ARGV: token, value key.
+# A load that caches nothing (an empty list page): drops the lease if still ours and the value
+# key's registration in its tag sets (a set left empty disappears), so it leaves no key behind.
+# Returns 1 if the lease was ours.
+ABANDON = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 2, #KEYS do redis.call('SREM', KEYS[i], ARGV[2]) end
+return 1
+"""
+
 # KEYS: value.  ARGV: version.  Deletes the value if it is older than ``version`` (a miss beats a
 # stale entry). Returns 1 if it deleted.
 DROP_OLDER = (

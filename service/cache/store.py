@@ -53,6 +53,7 @@ class CacheStore:
         self._acquire = redis.register_script(scripts.ACQUIRE)
         self._fill = redis.register_script(scripts.FILL)
         self._release = redis.register_script(scripts.RELEASE)
+        self._abandon = redis.register_script(scripts.ABANDON)
         self._drop_older = redis.register_script(scripts.DROP_OLDER)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
         self._assemble_page = redis.register_script(scripts.ASSEMBLE_PAGE)
@@ -109,6 +110,11 @@ class CacheStore:
             return 0
         n: int = await self._release(keys=[k + LEASE_SUFFIX for k in keys], args=[token])
         return n
+
+    async def abandon(self, token: str, key: str, tags: Sequence[str]) -> bool:
+        """Drop a lease still held by ``token`` and ``key``'s registration in ``tags``: the
+        load cached nothing, so it leaves no key behind."""
+        return bool(await self._abandon(keys=[key + LEASE_SUFFIX, *tags], args=[token, key]))
 
     async def invalidate(
         self, tags: Iterable[Tag], min_versions: Mapping[Tag, int] | None = None
