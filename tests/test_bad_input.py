@@ -314,7 +314,7 @@ async def test_control_characters_log_nothing_at_error(
 
 async def test_a_description_keeps_tabs_and_line_breaks(stub: Stub) -> None:
     text = "line one\r\n\tline two"
-    reply = await getattr(stub, "UpdateProduct")(
+    reply = await stub.UpdateProduct(
         update(pb.Product(id="p0000002", description=text), "description"), timeout=10
     )
     assert reply.description == text
