@@ -65,6 +65,11 @@ class CacheStore:
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         return cast(list[bytes | None], await self.redis.mget(keys))
 
+    async def peek(self, key: str) -> tuple[bytes | None, bool]:
+        """The value and whether its lease is held, in one round trip (one hash slot)."""
+        value, lease = await self.redis.mget([key, key + LEASE_SUFFIX])
+        return cast(bytes | None, value), lease is not None
+
     async def acquire(
         self,
         keys: Sequence[str],
