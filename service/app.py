@@ -113,7 +113,7 @@ async def start(
     store = create_store(redis, settings) if settings.cache_enabled else None
     reader = Reader(store, repo, keys, settings)
     writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
-    views = ViewCounter(redis, keys)
+    views = ViewCounter(redis, keys, settings.views_max_pending)
     api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer, views)
 
     server = aio.server(

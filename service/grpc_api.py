@@ -27,6 +27,7 @@ from service.errors import (
     CountersUnavailable,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from service.metrics import RPC_LATENCY
@@ -101,6 +102,8 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    if isinstance(exc, ResourceExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, CountersUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Unavailable) or is_connection_error(exc):

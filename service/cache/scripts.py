@@ -190,3 +190,17 @@ local out = redis.call('MGET', unpack(keys))
 table.insert(out, 1, page)
 return out
 """
+
+# KEYS: the live hash of pending views.  ARGV: cap, then per distinct id: id, count.
+# Adds every count, or none when the ids not yet in the hash would take it past ``cap`` fields:
+# the hash is bounded whatever ids clients send (unknown ids live only until the next flush
+# drops them), and a batch lands whole or not at all. Returns 1 if added, 0 if refused.
+RECORD_VIEWS = """
+local new = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then new = new + 1 end
+end
+if new > 0 and redis.call('HLEN', KEYS[1]) + new > tonumber(ARGV[1]) then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
