@@ -39,6 +39,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_s,
         pool_pre_ping=True,
+        # Statement parameters are request data: never in an exception message or a log line.
+        hide_parameters=True,
         connect_args={
             "connect_timeout": max(1, math.ceil(settings.db_connect_timeout_s)),
             "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",

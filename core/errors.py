@@ -25,3 +25,7 @@ class CountersUnavailable(Unavailable):
 
 class Aborted(CatalogError):
     """A concurrent change won: the caller's expected version is no longer current."""
+
+
+class ResourceExhausted(CatalogError):
+    """A bounded resource is full (e.g. pending view counters); retrying later may succeed."""

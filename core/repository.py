@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
 from core import metrics
@@ -211,6 +211,13 @@ class Repository:
             return {}
         rows = await self._fetch(_GET_PRODUCTS, {"ids": list(ids)})
         _GET_LOADS.inc()
+        return {row.id: _build(row) for row in rows}
+
+    async def get_products_on(
+        self, conn: AsyncConnection, ids: Sequence[str]
+    ) -> dict[str, LoadedProduct]:
+        """:meth:`get_products` on ``conn``: inside a write transaction, it sees that write."""
+        rows = (await conn.execute(_GET_PRODUCTS, {"ids": list(ids)})).all()
         return {row.id: _build(row) for row in rows}
 
     async def list_page(

@@ -101,7 +101,15 @@ class Settings:
     health_check_interval_s: float = option(2.0, "how often health probes PostgreSQL", lo=0.05)
 
     max_concurrent_rpcs: int = option(1000, "RPCs in flight before RESOURCE_EXHAUSTED", lo=1)
-    max_message_bytes: int = option(4 * 1024 * 1024, "max gRPC message size", lo=1024)
+    max_message_bytes: int = option(4 * 1024 * 1024, "max gRPC response size", lo=1024)
+    max_request_bytes: int = option(
+        128 * 1024, "max gRPC request size (the largest valid request is about 67 KB)",
+        lo=96 * 1024, hi=64 * 1024 * 1024,
+    )  # fmt: skip
+    views_max_pending: int = option(
+        50_000, "distinct product ids with views awaiting a flush; beyond: RESOURCE_EXHAUSTED",
+        lo=1000, hi=10_000_000,
+    )  # fmt: skip
     shutdown_grace_s: float = option(10.0, "time in-flight RPCs get after SIGTERM", lo=0)
     shutdown_drain_s: float = option(0.0, "NOT_SERVING period before refusing RPCs", lo=0)
     workers: int = option(

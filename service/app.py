@@ -113,13 +113,14 @@ async def start(
     store = create_store(redis, settings) if settings.cache_enabled else None
     reader = Reader(store, repo, keys, settings)
     writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
-    views = ViewCounter(redis, keys)
+    views = ViewCounter(redis, keys, settings.views_max_pending)
     api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer, views)
 
     server = aio.server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # Refused (RESOURCE_EXHAUSTED) before it is parsed: memory a client cannot inflate.
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # Off unless several workers share the port: two servers must not share it by chance.
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),

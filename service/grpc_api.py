@@ -27,6 +27,7 @@ from core.errors import (
     CountersUnavailable,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from core.metrics import RPC_LATENCY
@@ -101,6 +102,8 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    if isinstance(exc, ResourceExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, CountersUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Unavailable) or is_connection_error(exc):
@@ -127,10 +130,17 @@ def _unary(method: str, fn: Callable[[Any], Awaitable[bytes]]) -> Handler:
         try:
             result = await fn(request)
         except asyncio.CancelledError:
-            took = perf_counter() - start
-            if remaining is not None and took >= remaining:
-                late.observe(took)
-            raise
+            task = asyncio.current_task()
+            if task is None or task.cancelling():  # this call's own: client left or deadline
+                took = perf_counter() - start
+                if remaining is not None and took >= remaining:
+                    late.observe(took)
+                raise
+            # Another task's cancellation reached this call (a bug if it ever happens): gRPC
+            # would send no status and the client would wait until its deadline, or forever.
+            log.warning("%s: a cancellation not of this call reached its handler", method)
+            RPC_LATENCY.labels(method, "UNAVAILABLE").observe(perf_counter() - start)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the request was interrupted; retry")
         except Exception as exc:
             code, details = _status_of(exc)
             RPC_LATENCY.labels(method, code.name).observe(perf_counter() - start)

@@ -7,7 +7,9 @@ Invariants:
 * the write-through runs after the commit, under a fresh (forcing) lease, reads the committed row
   and is refused if a newer version is already cached; if it cannot be written, the key is
   deleted: a miss beats stale data. The event still voids list pages and other dependants, and
-  keeps the written entry because it is already at the event's version.
+  keeps the written entry because it is already at the event's version;
+* a committed update answers with a product, never an error inviting a retry: the product as
+  the write transaction left it, when the write-through's own read fails.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from catalog.v1 import catalog_pb2 as pb
 from core.cache.breaker import CircuitBreaker
 from core.cache.loader import REDIS_FAILURES, Loader
+from core.db import is_connection_error
 from core.errors import Aborted, InvalidArgument, NotFound
 from core.events import PRODUCT_UPDATED, new_event
 from core.outbox import add_to_outbox
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 UPDATABLE = ("name", "description", "stock", "base_price", "category", "brand")
 MAX_NAME, MAX_DESCRIPTION, MAX_STOCK = 200, 10_000, 2**31 - 1
 _CURRENCY = re.compile(r"[A-Z]{3}")
+# C0 and C1 control characters. PostgreSQL rejects NUL in text; the others would reach clients'
+# screens and logs. A description may keep tabs and line breaks; a name may not.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 _products = sa.table(
     "products",
@@ -70,10 +77,17 @@ def parse_update(request: pb.UpdateProductRequest) -> Change:
     if "name" in paths:
         if not p.name.strip() or len(p.name) > MAX_NAME:
             raise InvalidArgument(f"product.name must be 1 to {MAX_NAME} characters")
+        if _CONTROL.search(p.name):
+            raise InvalidArgument("product.name must not contain control characters")
         values["name"] = p.name
     if "description" in paths:
         if len(p.description) > MAX_DESCRIPTION:
             raise InvalidArgument(f"product.description is longer than {MAX_DESCRIPTION}")
+        if _CONTROL_IN_TEXT.search(p.description):
+            raise InvalidArgument(
+                "product.description must not contain control characters other than tab and "
+                "line breaks"
+            )
         values["description"] = p.description
     if "stock" in paths:
         if not 0 <= p.stock <= MAX_STOCK:
@@ -110,10 +124,11 @@ class ProductWriter:
 
     async def update(self, change: Change) -> bytes:
         """Apply ``change``; return the product as stored after the commit."""
-        await self._commit(change)
-        return await self._write_through(change.product_id)
+        committed = await self._commit(change)
+        return await self._write_through(change.product_id, committed)
 
-    async def _commit(self, change: Change) -> None:
+    async def _commit(self, change: Change) -> bytes:
+        """Commit the change and its event; the product as the transaction wrote it."""
         t = _products.c
         try:
             async with self.engine.begin() as conn:
@@ -151,23 +166,35 @@ class ProductWriter:
                     version=new.version,
                 )
                 await add_to_outbox(conn, event)
+                written = (await self.repo.get_products_on(conn, [change.product_id]))[
+                    change.product_id
+                ]
         except IntegrityError as exc:
             # The only constraint an update can break here is a category or brand reference.
             raise InvalidArgument("product.category.id or product.brand.id does not exist") from exc
+        return written.data
 
-    async def _write_through(self, product_id: str) -> bytes:
+    async def _write_through(self, product_id: str, committed: bytes) -> bytes:
+        """Cache the committed product. The update is committed whatever happens here, so the
+        caller always gets a product, never an error that invites a retry: the one read after
+        the write-through (a later update's, if one landed meanwhile), else ``committed``."""
         loader = self.loader
-        if loader is not None and self.breaker.allow():
-            try:
-                written = await loader.write_through(product_id)
-            except REDIS_FAILURES as exc:
-                log.warning("write-through of %s failed (%s); deleting the key", product_id, exc)
-                await loader.forget(product_id)
+        if loader is None or not self.breaker.allow():
+            return committed
+        try:
+            written = await loader.write_through(product_id)
+        except REDIS_FAILURES as exc:
+            log.warning("write-through of %s failed (%s); deleting the key", product_id, exc)
+            await loader.forget(product_id)
+            return committed
+        except Exception as exc:
+            # The re-read failed (PostgreSQL went away right after the commit, or a bug): the
+            # entry may be older than the commit, so drop it; the event voids it too.
+            if is_connection_error(exc):
+                log.warning("write-through of %s could not read the product back", product_id)
             else:
-                self.breaker.success()  # it may have been the half-open probe: report it
-                if written is not None:
-                    return written
-        found = (await self.repo.get_products([product_id])).get(product_id)
-        if found is None:  # deleted right after our commit
-            raise NotFound(f"product {product_id!r} not found")
-        return found.data
+                log.error("write-through of %s failed", product_id, exc_info=exc)
+            await loader.forget(product_id)
+            return committed
+        self.breaker.success()  # it may have been the half-open probe: report it
+        return committed if written is None else written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -27,6 +28,14 @@ class Delta:
 
 def db_loads() -> Delta:
     return Delta("catalog_db_loads_total", op="get_products")
+
+
+def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``pid`` in KiB from /proc/<pid>/status (VmRSS now, VmHWM the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"process {pid} reports no {field}")
 
 
 async def eventually(

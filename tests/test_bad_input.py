@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -214,6 +215,25 @@ def rows() -> Iterator[Any]:
         "wildcard": ("*",),
     }.items():
         yield row(f"mask {name}", "UpdateProduct", update(good, *paths))
+    for name, text in {
+        "NUL": "a\x00b",
+        "escape": "a\x1b[31mb",
+        "DEL": "a\x7f",
+        "C1": "a\x85",
+    }.items():
+        yield row(
+            f"name with {name}", "UpdateProduct", update(pb.Product(id="p1", name=text), "name")
+        )
+        yield row(
+            f"description with {name}",
+            "UpdateProduct",
+            update(pb.Product(id="p1", description=text), "description"),
+        )
+    yield row(
+        "name with a line break",
+        "UpdateProduct",
+        update(pb.Product(id="p1", name="two\nlines"), "name"),
+    )
     yield row(
         "no product",
         "UpdateProduct",
@@ -280,6 +300,24 @@ async def test_bytes_that_are_no_request_are_invalid_argument_before_any_io(
             await send(raw, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert moved() == ({}, 0)
+
+
+async def test_control_characters_log_nothing_at_error(
+    stub: Stub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's mistake is not the server's error: no ERROR line, no request data logged."""
+    request = update(pb.Product(id="p0000001", name="secret\x00name"), "name")
+    assert await call(stub, "UpdateProduct", request) == grpc.StatusCode.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "secret" not in caplog.text
+
+
+async def test_a_description_keeps_tabs_and_line_breaks(stub: Stub) -> None:
+    text = "line one\r\n\tline two"
+    reply = await stub.UpdateProduct(
+        update(pb.Product(id="p0000002", description=text), "description"), timeout=10
+    )
+    assert reply.description == text
 
 
 async def test_the_io_counters_see_a_valid_request(counted: Counted, stub: Stub) -> None:

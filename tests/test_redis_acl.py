@@ -100,6 +100,8 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
                 pb.ListProductsRequest(page_size=5, page_token=page.next_page_token), timeout=10
             )
             await stub.ListProducts(pb.ListProductsRequest(page_size=5), timeout=10)  # a page hit
+            empty = pb.ListProductsRequest(category_id="c99999")  # matches nothing: not cached
+            assert not (await stub.ListProducts(empty, timeout=10)).products
             await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=["p0000002", "x"]))
             mask = field_mask_pb2.FieldMask(paths=["name"])
             await stub.UpdateProduct(

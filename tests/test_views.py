@@ -85,20 +85,27 @@ async def test_a_call_is_one_round_trip_to_redis(views_stub: Stub, probe: Redis)
     stats, calls = await server_stats(probe)
     await views_stub.RecordProductViews(record("a", "b", "a", "c"))
     stats2, calls2 = await server_stats(probe)
-    # One request read and one reply written for the RPC, one of each for our INFO.
+    # One request read and one reply written for the RPC, one of each for our INFO. (Commands
+    # a script runs count too: the EVALSHA, 3 HEXISTS, 1 HLEN and 3 HINCRBY.)
     assert moved(stats, stats2) == {
-        "total_commands_processed": 6,
+        "total_commands_processed": 9,
         "total_reads_processed": 2,
         "total_writes_processed": 2,
     }
-    assert moved(calls, calls2) == {"multi": 1, "hincrby": 3, "exec": 1, "info": 1}
+    assert moved(calls, calls2) == {"evalsha": 1, "hexists": 3, "hlen": 1, "hincrby": 3, "info": 1}
 
-    ids = [f"p{i:07d}" for i in range(1, 1001)]  # the largest batch: still one transaction
+    ids = [f"p{i:07d}" for i in range(1, 1001)]  # the largest batch: still one script
     stats, calls = await server_stats(probe)
     reply = await views_stub.RecordProductViews(record(*ids))
     _, calls2 = await server_stats(probe)
     assert reply.recorded == 1000
-    assert moved(calls, calls2) == {"multi": 1, "hincrby": 1000, "exec": 1, "info": 1}
+    assert moved(calls, calls2) == {
+        "evalsha": 1,
+        "hexists": 1000,
+        "hlen": 1,
+        "hincrby": 1000,
+        "info": 1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -140,3 +147,65 @@ async def test_redis_down_is_unavailable(
     assert reply.recorded == 1
     async with Redis.from_url(private_redis.url) as redis:
         assert await counts(redis, Keys(settings.key_namespace)) == {"p0000001": 1}
+
+
+async def test_a_flood_of_unknown_ids_is_capped_and_gone_after_the_flush(
+    settings: Settings, private_redis: RedisProcess, fresh_database_url: str
+) -> None:
+    """Calls of 1000 distinct unknown ids each: the pending hash stops at its cap and further
+    new ids get RESOURCE_EXHAUSTED (the whole call refused); ids already pending still count.
+    The flush drops the unknown ids: nothing of the flood is left in Redis."""
+    from core.db import create_engine
+    from invalidator.viewflush import ViewFlusher
+
+    cap = 5000
+    own = settings.replace(
+        grpc_address="127.0.0.1:0",
+        redis_url=private_redis.url,
+        database_url=fresh_database_url,
+        views_max_pending=cap,
+    )
+    keys = Keys(own.key_namespace)
+    svc = await start(own)
+    refused = Delta("catalog_views_refused_total")
+    try:
+        async with (
+            aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel,
+            Redis.from_url(private_redis.url) as redis,
+        ):
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            await stub.RecordProductViews(record("p0000001"))
+            used_before = int((await redis.info("memory"))["used_memory"])
+            codes = []
+            for call in range(20):
+                ids = [f"flood-{call}-{n}" for n in range(1000)]
+                try:
+                    await stub.RecordProductViews(record(*ids))
+                    codes.append(grpc.StatusCode.OK)
+                except aio.AioRpcError as exc:
+                    codes.append(exc.code())
+            pending = await redis.hlen(keys.views_pending)
+            used_after = int((await redis.info("memory"))["used_memory"])
+            print(
+                f"\npending hash at its cap: {pending} ids, Redis used_memory "
+                f"+{(used_after - used_before) / 1e6:.2f} MB"
+            )
+            assert pending <= cap
+            assert codes.count(grpc.StatusCode.OK) == 4  # the first id + 4000 fill it to 4001
+            assert set(codes[4:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert refused() == 16 * 1000
+            assert (await stub.RecordProductViews(record("p0000001"))).recorded == 1, (
+                "an id already pending still counts"
+            )
+
+            engine = create_engine(own)
+            try:
+                flusher = ViewFlusher(redis, engine, keys, interval_s=3600)
+                done = await flusher.flush_once()
+            finally:
+                await engine.dispose()
+            assert (done.views, done.dropped) == (2, 4000)
+            assert [k async for k in redis.scan_iter(match=f"{own.key_namespace}:{{views}}*")] == []
+            await stub.RecordProductViews(record(*[f"after-{n}" for n in range(1000)]))
+    finally:
+        await svc.stop(grace=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from grpc import aio
 from redis.asyncio import Redis
+from sqlalchemy.exc import OperationalError
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
@@ -20,6 +21,7 @@ from core.cache.store import FillItem
 from core.db import libpq_url
 from core.events import invalidation_for, parse
 from core.keys import Keys, Tag
+from core.repository import LoadedProduct, Repository
 from core.settings import Settings
 from service.app import Service, create_store, start
 from tests.helpers import Delta
@@ -298,3 +300,37 @@ async def test_write_through_that_loses_its_lease_leaves_no_older_entry(
         assert await store.get(key) is None, "the older entry was dropped, not served"
     finally:
         await engine.dispose()
+
+
+class ReadsFailAfterCommit(Repository):
+    """PostgreSQL goes away for reads once ``failing`` is set (the write path is unaffected)."""
+
+    failing = False
+
+    async def get_products(self, ids: Sequence[str]) -> dict[str, LoadedProduct]:
+        if self.failing:
+            lost = psycopg.OperationalError("server closed the connection unexpectedly")
+            raise OperationalError("SELECT", None, lost)
+        return await super().get_products(ids)
+
+
+async def test_a_committed_update_returns_the_product_when_its_re_read_fails(
+    writable: Settings, redis_client: Redis
+) -> None:
+    """The commit succeeds, then the write-through's read fails: the caller gets the committed
+    product (from the write transaction), not UNAVAILABLE inviting a retry of a done update."""
+    svc = await start(writable, repository=ReadsFailAfterCommit)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            before = await stub.GetProduct(pb.GetProductRequest(id=PID))  # cached
+            ReadsFailAfterCommit.failing = True
+            updated = await stub.UpdateProduct(
+                update(pb.Product(id=PID, name="committed", version=before.version), "name")
+            )
+    finally:
+        ReadsFailAfterCommit.failing = False
+        await svc.stop(grace=0)
+    assert (updated.name, updated.version) == ("committed", before.version + 1)
+    keys = Keys(writable.key_namespace)
+    assert await redis_client.get(keys.product(PID)) is None, "the older entry was dropped"

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 REDIS_FAILURES = (RedisError, OSError)
 Mode = Literal["miss", "refresh", "force"]
+# fill_page's answer for a page with no products: nothing was cached (no entry is ever empty).
+EMPTY_PAGE = b""
 
 
 def page_tags(category_id: str, brand_id: str) -> list[Tag]:
@@ -58,8 +60,11 @@ class Loader:
         self._rand = random.Random()
 
     async def acquire_products(self, ids: Sequence[str], mode: Mode) -> Acquired:
+        """Lease product entries. They are registered in no tag set: the one member of a
+        ``product:<id>`` tag is derivable, and INVALIDATE voids it even where no set exists, so
+        an unknown id costs one key (its negative entry), not two."""
         keys = [self.keys.product(i) for i in ids]
-        return await self.store.acquire(keys, [[self.keys.tag(Tag.product(i))] for i in ids], mode)
+        return await self.store.acquire(keys, [[] for _ in ids], mode)
 
     async def load_products(
         self, acquired: Acquired, leased: list[str], others: Sequence[str] = ()
@@ -116,7 +121,9 @@ class Loader:
         self, page_key: str, category_id: str, brand_id: str, after_id: str, size: int, mode: Mode
     ) -> bytes | bool:
         """Lease and load a page's ids. Returns the entry found (miss mode), or whether this call
-        held the lease (it then wrote the page, unless the fill was refused)."""
+        held the lease (it then wrote the page, unless the fill was refused). An empty page is
+        not cached (a filter naming no category or brand must leave no key): it returns
+        ``EMPTY_PAGE`` and drops its lease and tag registrations."""
         tags = [self.keys.tag(t) for t in page_tags(category_id, brand_id)]
         acquired = await self.store.acquire([page_key], [tags], mode)
         outcome = acquired.outcomes[0]
@@ -128,6 +135,9 @@ class Loader:
             [page_key],
             self.repo.list_page_ids(category_id or None, brand_id or None, after_id, size + 1),
         )
+        if not ids:
+            await self.store.abandon(acquired.token, page_key, tags)
+            return EMPTY_PAGE
         load_ms = max(1, round((time.perf_counter() - started) * 1000))
         next_after = ids[size - 1] if len(ids) > size else ""
         body = entry.PageBody(next_after, ids[:size], category_id, brand_id, after_id, size)
@@ -143,7 +153,7 @@ class Loader:
         tag = self.keys.tag(Tag.product(product_id))
         if p is None:
             negative_ms = ttl.jittered_ms(self.settings.negative_ttl_s, self.settings.ttl_jitter)
-            return FillItem(key, NEGATIVE, negative_ms, [tag])
+            return FillItem(key, NEGATIVE, negative_ms, [])  # its tag is derivable (see above)
         tags = [
             tag,
             self.keys.tag(Tag.category(p.category_id)),

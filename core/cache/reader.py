@@ -4,7 +4,8 @@ stale-while-revalidate, a breaker and a PostgreSQL fallback.
 Invariants:
 * a read never fails because of Redis: any Redis error or an open breaker serves from PostgreSQL;
 * a value is written only under a lease taken before its database read (no stale set);
-* a reader waits for another's fill at most ``lease_wait_ms``, then loads without caching;
+* a reader waits for another's fill at most ``lease_wait_ms``, then loads without caching; if
+  the lease disappears with no value (a refused fill), it takes the lease itself at once;
 * one process sends one lease attempt per key at a time (single-flight);
 * an entry past its logical expiry (or picked by XFetch) is still served, and one background
   refresh per key reloads it; an invalidated entry is gone, never served stale.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from core import deadlines, metrics
 from core.cache import entry
 from core.cache.breaker import CircuitBreaker
-from core.cache.loader import REDIS_FAILURES, Loader
+from core.cache.loader import EMPTY_PAGE, REDIS_FAILURES, Loader
 from core.cache.singleflight import SingleFlight
 from core.cache.store import CacheStore
 from core.keys import Keys
@@ -68,7 +69,7 @@ class Reader:
             Loader(store, repo, keys, settings, self._redis_failed) if store is not None else None
         )
         self._products: SingleFlight[bytes | None] = SingleFlight()
-        self._pages: SingleFlight[None] = SingleFlight()
+        self._pages: SingleFlight[bool] = SingleFlight()
         self._refreshes: SingleFlight[None] = SingleFlight()
         self._rand = random.Random()
 
@@ -99,24 +100,28 @@ class Reader:
         return found.data if found else None
 
     async def _fill_one(self, loader: Loader, product_id: str) -> bytes | None:
-        try:
-            acquired = await loader.acquire_products([product_id], "miss")
-        except REDIS_FAILURES as exc:
-            self._redis_failed(exc)
-            acquired = None
-        outcome = acquired.outcomes[0] if acquired else False
-        if isinstance(outcome, bytes):
-            return outcome[_H:] or None
-        if acquired is not None and not outcome:
+        deadline: float | None = None
+        while True:
+            try:
+                acquired = await loader.acquire_products([product_id], "miss")
+            except REDIS_FAILURES as exc:
+                self._redis_failed(exc)
+                break
+            outcome = acquired.outcomes[0]
+            if isinstance(outcome, bytes):
+                return outcome[_H:] or None
+            if outcome:
+                found = (await loader.load_products(acquired, [product_id])).get(product_id)
+                return found.data if found else None
             metrics.LEASE_WAITS.inc()
-            waited = await self._wait_for(loader.store, self.keys.product(product_id))
-            if waited is not None:
+            deadline = deadline or self._wait_deadline()
+            waited = await self._wait_for(loader.store, self.keys.product(product_id), deadline)
+            if isinstance(waited, bytes):
                 return waited[_H:] or None
-        if acquired is not None and outcome:
-            loaded = await loader.load_products(acquired, [product_id])
-        else:
-            loaded = await self.repo.get_products([product_id])
-        found = loaded.get(product_id)
+            if not waited:
+                break
+            # True: the lease is gone and no value came; lease it ourselves at once.
+        found = (await self.repo.get_products([product_id])).get(product_id)
         return found.data if found else None
 
     # -- BatchGetProducts ---------------------------------------------------------------------
@@ -190,12 +195,14 @@ class Reader:
             page_key = self.keys.page(category_id, brand_id, after_id, page_size)
 
             args = (page_key, category_id, brand_id, after_id, page_size)
+            empty = False
             try:
                 reply = await loader.store.assemble_page(page_key)
                 if reply is None:
                     _MISS["list"].inc()
-                    await self._pages.do(page_key, lambda: self._fill_page(loader, *args))
-                    reply = await loader.store.assemble_page(page_key)
+                    empty = await self._pages.do(page_key, lambda: self._fill_page(loader, *args))
+                    if not empty:
+                        reply = await loader.store.assemble_page(page_key)
                 else:
                     _HIT["list"].inc()
                     if self._due(reply[0] or b"", self.settings.page_xfetch_beta):
@@ -205,6 +212,8 @@ class Reader:
                 self._redis_failed(exc)
             else:
                 self.breaker.success()
+                if empty:
+                    return Page([], "")
                 if reply is not None:
                     return await self._complete_page(loader, reply)
         else:
@@ -223,12 +232,19 @@ class Reader:
         brand_id: str,
         after_id: str,
         page_size: int,
-    ) -> None:
-        """Make the page entry exist, or give up (the caller then reads PostgreSQL)."""
-        got = await loader.fill_page(page_key, category_id, brand_id, after_id, page_size, "miss")
-        if got is False:
+    ) -> bool:
+        """Make the page entry exist, or give up (the caller then reads PostgreSQL). True when
+        the page is empty: such pages are never cached."""
+        args = (page_key, category_id, brand_id, after_id, page_size)
+        got = await loader.fill_page(*args, "miss")
+        deadline: float | None = None
+        while got is False:
             metrics.LEASE_WAITS.inc()
-            await self._wait_for(loader.store, page_key)
+            deadline = deadline or self._wait_deadline()
+            if await self._wait_for(loader.store, page_key, deadline) is not True:
+                return False  # the page came, or time ran out
+            got = await loader.fill_page(*args, "miss")  # the lease is gone and no page came
+        return got == EMPTY_PAGE
 
     async def _complete_page(self, loader: Loader, reply: list[bytes | None]) -> Page:
         head, _, rest = (reply[0] or b"")[_H:].partition(b"\n")
@@ -269,21 +285,32 @@ class Reader:
 
         return run
 
-    async def _wait_for(self, store: CacheStore, key: str) -> bytes | None:
-        """Poll for another reader's fill, at most lease_wait_ms and half the caller's time
-        left (:mod:`core.deadlines`); None if it did not come."""
+    def _wait_deadline(self) -> float:
+        """When a lease wait gives up: after lease_wait_ms, and at most half the caller's time
+        left (:mod:`core.deadlines`), so the PostgreSQL read it falls back to still fits."""
+        return time.monotonic() + deadlines.wait_budget(self.settings.lease_wait_ms / 1000.0)
+
+    async def _wait_for(self, store: CacheStore, key: str, deadline: float) -> bytes | bool:
+        """Watch another reader's fill, the value and its lease, until ``deadline``.
+
+        Returns the value once it is there; True when the lease is gone and no value came (the
+        holder's fill was refused after an invalidation, or its load failed): the caller leases
+        the key itself at once, as memcache's leases do, instead of sleeping out the wait and
+        reading PostgreSQL uncached; False when time ran out or Redis failed.
+        """
         poll = self.settings.lease_poll_ms / 1000.0
-        deadline = time.monotonic() + deadlines.wait_budget(self.settings.lease_wait_ms / 1000.0)
         while time.monotonic() < deadline:
             await asyncio.sleep(poll)
             try:
-                value = await store.get(key)
+                value, leased = await store.peek(key)
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
-                return None
+                return False
             if value is not None:
                 return value
-        return None
+            if not leased:
+                return True
+        return False
 
     def _redis_failed(self, exc: BaseException) -> None:
         metrics.REDIS_ERRORS.inc()

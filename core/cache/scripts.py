@@ -101,6 +101,17 @@ return out
 """
 )
 
+# KEYS: lease, then the tag sets its value key was registered in.  ARGV: token, value key.
+# A load that caches nothing (an empty list page): drops the lease if still ours and the value
+# key's registration in its tag sets (a set left empty disappears), so it leaves no key behind.
+# Returns 1 if the lease was ours.
+ABANDON = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 2, #KEYS do redis.call('SREM', KEYS[i], ARGV[2]) end
+return 1
+"""
+
 # KEYS: value.  ARGV: version.  Deletes the value if it is older than ``version`` (a miss beats a
 # stale entry). Returns 1 if it deleted.
 DROP_OLDER = (
@@ -121,36 +132,39 @@ end
 return n
 """
 
-# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix, then per tag: a
-# minimum version and the tag's derivable member ("" if none).
+# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix, tag margin ms,
+# then per tag: a minimum version and the tag's derivable member ("" if none).
 # Minimum version 0 deletes every member; v > 0 keeps a member already cached at version >= v
 # (a write-through that got there first) and deletes the rest. Leases are always deleted. The
 # derivable member (a product tag's product key) is processed even when the set itself is gone,
-# e.g. evicted under memory pressure, so a product edit is never lost with its tag set.
+# e.g. evicted or expired, so a product edit is never lost with its tag set. A set rebuilt for
+# kept members lives at least as long as they do plus the margin (never without a TTL).
 # Returns the number of value keys and leases deleted.
 INVALIDATE = (
     _VERSION_OF
     + """
+local margin = tonumber(ARGV[3])
 local n = 0
 for i = 2, #KEYS do
   local members = redis.call('SMEMBERS', KEYS[i])
-  local min_version = tonumber(ARGV[2 * i - 1]) or 0
-  if ARGV[2 * i] ~= '' then members[#members + 1] = ARGV[2 * i] end
+  local min_version = tonumber(ARGV[2 * i]) or 0
+  if ARGV[2 * i + 1] ~= '' then members[#members + 1] = ARGV[2 * i + 1] end
   local kept = {}
+  local keep_ttl = math.max(redis.call('PTTL', KEYS[i]), margin)
   for j = 1, #members do
     local m = members[j]
     if min_version > 0 and version_of(redis.call('GET', m)) >= min_version then
       kept[#kept + 1] = m
+      keep_ttl = math.max(keep_ttl, redis.call('PTTL', m) + margin)
       n = n + redis.call('DEL', m .. ARGV[2])
     else
       n = n + redis.call('DEL', m, m .. ARGV[2])
     end
   end
-  local ttl = redis.call('PTTL', KEYS[i])
   redis.call('DEL', KEYS[i])
   if #kept > 0 then
     redis.call('SADD', KEYS[i], unpack(kept))
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
+    redis.call('PEXPIRE', KEYS[i], keep_ttl)
   end
 end
 if ARGV[1] == '1' then redis.call('INCR', KEYS[1]) end
@@ -175,4 +189,18 @@ if #keys == 0 then return {page} end
 local out = redis.call('MGET', unpack(keys))
 table.insert(out, 1, page)
 return out
+"""
+
+# KEYS: the live hash of pending views.  ARGV: cap, then per distinct id: id, count.
+# Adds every count, or none when the ids not yet in the hash would take it past ``cap`` fields:
+# the hash is bounded whatever ids clients send (unknown ids live only until the next flush
+# drops them), and a batch lands whole or not at all. Returns 1 if added, 0 if refused.
+RECORD_VIEWS = """
+local new = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then new = new + 1 end
+end
+if new > 0 and redis.call('HLEN', KEYS[1]) + new > tonumber(ARGV[1]) then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
 """

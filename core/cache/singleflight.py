@@ -6,6 +6,10 @@ last caller leaves, the load is cancelled: nobody wants its result, and a databa
 lease wait must not outlive every deadline that asked for it (psycopg then cancels the query in
 the server). Loads started with :meth:`launch` (background refreshes) have no caller to wait for
 and always run to the end.
+
+A cancelled load leaves the table at once, though its cancellation may take milliseconds to
+finish (psycopg cancelling a query): a caller arriving meanwhile starts a new load instead of
+joining one that can only end in ``CancelledError``, another request's cancellation.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class SingleFlight(Generic[T]):
                 del self._callers[task]
                 if not task.done() and task not in self._background:
                     task.cancel()  # the last caller gave up (its deadline passed)
+                    if self._tasks.get(key) is task:
+                        del self._tasks[key]  # nobody may join a load that is being cancelled
 
     def _done(self, key: Hashable, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:

@@ -53,6 +53,7 @@ class CacheStore:
         self._acquire = redis.register_script(scripts.ACQUIRE)
         self._fill = redis.register_script(scripts.FILL)
         self._release = redis.register_script(scripts.RELEASE)
+        self._abandon = redis.register_script(scripts.ABANDON)
         self._drop_older = redis.register_script(scripts.DROP_OLDER)
         self._invalidate = redis.register_script(scripts.INVALIDATE)
         self._assemble_page = redis.register_script(scripts.ASSEMBLE_PAGE)
@@ -63,6 +64,11 @@ class CacheStore:
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         return cast(list[bytes | None], await self.redis.mget(keys))
+
+    async def peek(self, key: str) -> tuple[bytes | None, bool]:
+        """The value and whether its lease is held, in one round trip (one hash slot)."""
+        value, lease = await self.redis.mget([key, key + LEASE_SUFFIX])
+        return cast(bytes | None, value), lease is not None
 
     async def acquire(
         self,
@@ -110,6 +116,11 @@ class CacheStore:
         n: int = await self._release(keys=[k + LEASE_SUFFIX for k in keys], args=[token])
         return n
 
+    async def abandon(self, token: str, key: str, tags: Sequence[str]) -> bool:
+        """Drop a lease still held by ``token`` and ``key``'s registration in ``tags``: the
+        load cached nothing, so it leaves no key behind."""
+        return bool(await self._abandon(keys=[key + LEASE_SUFFIX, *tags], args=[token, key]))
+
     async def invalidate(
         self, tags: Iterable[Tag], min_versions: Mapping[Tag, int] | None = None
     ) -> int:
@@ -127,7 +138,7 @@ class CacheStore:
         bump = "1" if any(t.embeds_name for t in tag_list) else "0"
         script_keys = [self.keys.generation, *(self.keys.tag(t) for t in tag_list)]
         versions = min_versions or {}
-        args: list[str | int] = [bump, LEASE_SUFFIX]
+        args: list[str | int] = [bump, LEASE_SUFFIX, self.tag_margin_ms]
         for t in tag_list:
             args += (versions.get(t, 0), self.keys.product(t.product_id) if t.product_id else "")
         n: int = await self._invalidate(keys=script_keys, args=args)

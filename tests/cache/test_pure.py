@@ -172,6 +172,39 @@ async def test_singleflight_cancels_the_load_when_its_last_caller_leaves() -> No
     assert len(flight) == 0
 
 
+async def test_singleflight_new_caller_never_joins_a_load_being_cancelled() -> None:
+    """The last caller leaves; the load's cancellation takes a while (psycopg cancelling a
+    query). A caller arriving meanwhile gets a load of its own, not someone else's
+    CancelledError."""
+    flight: SingleFlight[int] = SingleFlight()
+    started, cancelling, let_go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    runs = 0
+
+    async def load() -> int:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            return 7
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelling.set()
+            await let_go.wait()  # cancellation in progress
+            raise
+        return 0
+
+    first = asyncio.ensure_future(flight.do("k", load))
+    await started.wait()
+    first.cancel()
+    await cancelling.wait()
+    second = asyncio.ensure_future(flight.do("k", load))
+    await asyncio.sleep(0)
+    let_go.set()
+    assert await second == 7
+    assert runs == 2
+
+
 async def test_singleflight_background_load_outlives_a_caller_that_leaves() -> None:
     flight: SingleFlight[int] = SingleFlight()
     gate = asyncio.Event()

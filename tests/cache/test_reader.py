@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import psycopg
@@ -225,3 +226,43 @@ async def test_reads_survive_redis_stopping_and_hits_resume_after_it_returns(
             await eventually(hit_again, what="a cache hit after Redis returned")
     finally:
         await svc.stop(grace=0)
+
+
+async def test_a_waiter_whose_lease_holder_lost_its_lease_takes_the_lease_at_once(
+    writable: Settings, engine_for: AsyncEngine, redis_client: Redis
+) -> None:
+    """Replica A holds the lease and has read the database; replica B waits for A's fill. An
+    update voids A's lease, so A's fill will be refused: B sees the lease gone with no value,
+    leases the key itself and caches the new product, instead of sleeping out lease_wait_ms
+    and reading PostgreSQL uncached."""
+    slow = writable.replace(lease_ttl_ms=60_000, lease_wait_ms=30_000)
+    store = create_store(redis_client, slow)
+    keys = Keys(slow.key_namespace)
+    paused = PausedAfterRead(engine_for)
+    a = Reader(store, paused, keys, slow)
+    b = Reader(store, Repository(engine_for), keys, slow)
+    waits, refused = Delta("catalog_lease_waits_total"), Delta("catalog_fill_refused_total")
+
+    in_flight = asyncio.ensure_future(a.get_product(PID))
+    await paused.has_read.wait()
+    waiter = asyncio.ensure_future(b.get_product(PID))
+
+    async def b_waits() -> bool:
+        return waits() == 1
+
+    await eventually(b_waits, what="B waiting on A's lease")
+    db_execute(slow.database_url, "UPDATE products SET name = 'voided' WHERE id = %s", PID)
+    await store.invalidate([Tag.product(PID)])
+    started = time.monotonic()
+    got = await waiter
+    took_ms = (time.monotonic() - started) * 1000
+    print(f"\nwaiter served {took_ms:.1f} ms after the lease was voided")
+
+    assert pb.Product.FromString(got or b"").name == "voided"
+    cached = await store.get(keys.product(PID))
+    assert cached and pb.Product.FromString(entry.payload(cached)).name == "voided", (
+        "B filled the cache under a lease of its own"
+    )
+    paused.proceed.set()
+    await in_flight
+    assert refused() == 1, "A's fill, which read before the update, was refused"

@@ -7,6 +7,7 @@ import random
 
 from redis.asyncio import Redis
 
+from core.cache import entry
 from core.cache.store import CacheStore, FillItem
 from core.keys import Keys, Tag
 from core.settings import Settings
@@ -200,3 +201,27 @@ async def test_concurrent_fills_and_invalidations_keep_tags_complete_and_nothing
         assert value == str(version[p]).encode(), f"{p} cached a stale version"
         for tag_key in tags_of(p):
             assert await redis_client.sismember(tag_key, key), f"{key} missing from {tag_key}"
+
+
+async def keys_without_ttl(redis: Redis, namespace: str) -> list[bytes]:
+    return [k async for k in redis.scan_iter(match=f"{namespace}:*") if await redis.pttl(k) < 0]
+
+
+async def test_versioned_invalidation_of_an_expired_tag_set_leaves_no_key_without_ttl(
+    redis_client: Redis, settings: Settings
+) -> None:
+    """The entry is already at the event's version and is kept; its tag set had expired. The
+    set rebuilt for it lives as long as the entry plus the margin, not forever."""
+    store = _store(redis_client, settings)
+    keys = Keys(settings.key_namespace)
+    key, tag = keys.product("p1"), keys.tag(Tag.product("p1"))
+    acquired = await store.acquire([key], [[tag]], "force")
+    item = FillItem(key, entry.pack(b"x", 5, 0, 1), 60_000, [tag], 5)
+    assert await store.fill(acquired.token, acquired.generation, [item]) == [True]
+    await redis_client.delete(tag)  # as if it had expired
+
+    await store.invalidate([Tag.product("p1")], {Tag.product("p1"): 5})
+
+    assert await store.get(key) is not None, "the entry at the event's version is kept"
+    assert await keys_without_ttl(redis_client, settings.key_namespace) == []
+    assert await redis_client.pttl(tag) >= await redis_client.pttl(key)

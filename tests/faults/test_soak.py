@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -53,6 +52,7 @@ from tests.faults.conftest import (
     wait_until,
 )
 from tests.faults.test_redis_faults import DEADLINE_S, PAUSE_S, reads_during_pause
+from tests.helpers import proc_status_kib
 from tests.invalidator.conftest import group_info
 from tests.invalidator.test_processes import consumer_pending
 
@@ -79,11 +79,7 @@ pytestmark = [
 
 
 def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` in KiB, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"process {pid} reports no VmRSS")
+    return proc_status_kib(pid, "VmRSS")
 
 
 @dataclass

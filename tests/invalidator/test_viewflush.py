@@ -85,7 +85,7 @@ def blocked_flushers(url: str, n: int) -> Callable[[], Awaitable[bool]]:
 async def test_flush_moves_counts_to_postgresql_and_clears_redis(
     redis: Redis, db: AsyncEngine, keys: Keys
 ) -> None:
-    counter, expected = ViewCounter(redis, keys), Counter[str]()
+    counter, expected = ViewCounter(redis, keys, 100_000), Counter[str]()
     await record(counter, ["p0000001", "p0000002", "p0000001"], expected)
     await record(counter, ["p0000003"], expected)
     flushed = Delta("catalog_views_flushed_total")
@@ -106,7 +106,7 @@ async def test_flush_moves_counts_to_postgresql_and_clears_redis(
 async def test_unknown_ids_are_dropped_at_flush_and_counted(
     redis: Redis, db: AsyncEngine, keys: Keys
 ) -> None:
-    counter = ViewCounter(redis, keys)
+    counter = ViewCounter(redis, keys, 100_000)
     await counter.record(["p0000001", "no-such-product", "no-such-product", "gone"])
     dropped = Delta("catalog_views_dropped_total")
     done = await flusher(redis, db, keys).flush_once()
@@ -119,7 +119,7 @@ async def test_unknown_ids_are_dropped_at_flush_and_counted(
 async def test_views_recorded_during_a_flush_go_to_the_next_one(
     redis: Redis, db: AsyncEngine, keys: Keys
 ) -> None:
-    counter, expected = ViewCounter(redis, keys), Counter[str]()
+    counter, expected = ViewCounter(redis, keys, 100_000), Counter[str]()
     await record(counter, ["p0000001", "p0000002"], expected)
     one = flusher(redis, db, keys)
     flush_id = await one.claim()
@@ -136,7 +136,7 @@ async def test_a_flush_refused_midway_is_retried_without_double_counting(
 ) -> None:
     """Chunks of 2 ids: the first chunk commits, PostgreSQL refuses the second. The retry, by
     another flusher, skips the committed chunk and writes the rest; newer views follow."""
-    counter, expected = ViewCounter(redis, keys), Counter[str]()
+    counter, expected = ViewCounter(redis, keys, 100_000), Counter[str]()
     ids = [f"p000000{n}" for n in range(1, 6)]
     await record(counter, ids + ids[:2], expected)
     psql(fresh_database_url, REFUSE.format(product_id="p0000004"))
@@ -173,7 +173,7 @@ async def test_a_crash_after_commit_before_release_does_not_double_count(
     fast = Redis.from_url(private_redis.url, socket_timeout=0.5)
     admin = Redis.from_url(private_redis.url)
     try:
-        counter, expected = ViewCounter(admin, keys), Counter[str]()
+        counter, expected = ViewCounter(admin, keys, 100_000), Counter[str]()
         await record(counter, ["p0000001", "p0000002", "p0000002"], expected)
         with psycopg.connect(libpq_url(fresh_database_url)) as locker:
             locker.execute("LOCK TABLE product_stats IN EXCLUSIVE MODE")
@@ -202,7 +202,7 @@ async def test_flushers_racing_on_one_flush_count_it_once(
 ) -> None:
     """A claims a flush; A, B and C all try to write it at once (B and C find it in the
     registry). The table lock keeps all three inside their statements until they overlap."""
-    counter, expected = ViewCounter(redis, keys), Counter[str]()
+    counter, expected = ViewCounter(redis, keys, 100_000), Counter[str]()
     await record(counter, [f"p{n:07d}" for n in range(1, 201)] * 3, expected)
     a, b, c = (flusher(redis, db, keys) for _ in range(3))
     flush_id = await a.claim()
@@ -221,7 +221,7 @@ async def test_flushers_racing_on_one_flush_count_it_once(
 async def test_stopping_the_loop_flushes_once_more(
     redis: Redis, db: AsyncEngine, keys: Keys
 ) -> None:
-    counter, expected = ViewCounter(redis, keys), Counter[str]()
+    counter, expected = ViewCounter(redis, keys, 100_000), Counter[str]()
     stop = asyncio.Event()
     loop = asyncio.create_task(flusher(redis, db, keys).run(stop))  # first cycle: nothing yet
     await record(counter, ["p0000009", "p0000009"], expected)
