@@ -24,6 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.auth import WritePolicy
 from service.cache.reader import Reader
 from service.cache.store import CacheStore
 from service.db import create_engine
@@ -32,7 +33,7 @@ from service.keys import Keys
 from service.metrics import start_metrics_server
 from service.pagetokens import PageTokens
 from service.repository import Repository
-from service.settings import DEV_PAGE_TOKEN_SECRET, Settings
+from service.settings import Settings
 from service.tls import add_port, server_credentials
 from service.views import ViewCounter
 from service.writes import ProductWriter
@@ -101,10 +102,8 @@ async def start(
 
     ``repository`` lets tests pause or break database reads around the real queries.
     """
-    if settings.page_token_secret == DEV_PAGE_TOKEN_SECRET:
-        log.warning(
-            "CATALOG_PAGE_TOKEN_SECRET is the development default: page tokens are forgeable"
-        )
+    settings.check_can_serve()
+    writers = WritePolicy.from_settings(settings)
     credentials = server_credentials(settings)  # bad TLS files fail before any connection
     engine = create_engine(settings)
     redis = create_redis(settings)
@@ -125,12 +124,13 @@ async def start(
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
-    server.add_generic_rpc_handlers((generic_handler(api),))
+    server.add_generic_rpc_handlers((generic_handler(api, writers),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     port = add_port(server, settings.grpc_address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.grpc_address}")
@@ -138,11 +138,13 @@ async def start(
     await server.start()
     monitor = asyncio.create_task(_monitor_health(repo, health_servicer, settings))
     log.info(
-        "serving catalog.v1 on port %d (cache %s, %s)",
+        "serving catalog.v1 on port %d (cache %s, %s, reflection %s)",
         port,
         "on" if store else "off",
         "mTLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+        "on" if settings.reflection else "off",
     )
+    (log.warning if writers.read_only else log.info)("%s", writers.describe())
     return Service(settings, server, port, redis, engine, reader, health_servicer, monitor)
 
 
@@ -167,6 +169,7 @@ async def _monitor_health(repo: Repository, servicer: HealthServicer, settings: 
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    settings.check_can_serve()
     start_metrics_server(settings.metrics_port, settings.metrics_address)
     service = await start(settings)
     # What start-up built (modules, clients, the server) lives as long as the process: freeze

@@ -19,6 +19,7 @@ from grpc import aio
 
 from catalog.v1 import catalog_pb2 as pb
 from service import deadlines, validation
+from service.auth import WritePolicy
 from service.cache import wire
 from service.cache.reader import Reader
 from service.db import is_connection_error
@@ -157,12 +158,15 @@ def _parsed(
     return parse_then_call
 
 
-def generic_handler(api: CatalogApi) -> grpc.GenericRpcHandler[Any, bytes]:
-    """The service's handlers: raw bytes in (parsed by :func:`_parsed`), raw bytes out."""
+def generic_handler(api: CatalogApi, writers: WritePolicy) -> grpc.GenericRpcHandler[Any, bytes]:
+    """The service's handlers: raw bytes in (parsed by :func:`_parsed`), raw bytes out. The
+    write methods are wrapped by ``writers`` here, once; read handlers are left as they are."""
 
     def method(name: str, fn: Callable[[Any], Awaitable[bytes]], request: Any) -> Any:
         return grpc.unary_unary_rpc_method_handler(
-            _unary(name, _parsed(request, fn)), request_deserializer=None, response_serializer=None
+            writers.guard(name, _unary(name, _parsed(request, fn))),
+            request_deserializer=None,
+            response_serializer=None,
         )
 
     return grpc.method_handlers_generic_handler(

@@ -23,6 +23,11 @@ REFRESHES = Counter(
 REDIS_ERRORS = Counter("catalog_redis_errors", "Redis errors and timeouts seen by the read path")
 BREAKER_OPEN = Counter("catalog_breaker_opened", "Times the Redis circuit breaker opened")
 VIEWS_RECORDED = Counter("catalog_views_recorded", "Product views counted in Redis")
+AUTH_REFUSED = Counter(
+    "catalog_auth_refused",
+    "Write calls refused by authorization, by method and reason",
+    ["method", "reason"],
+)
 RPC_LATENCY = Histogram(
     "catalog_rpc_duration_seconds",
     "Server-side RPC latency by method and status code",

@@ -17,7 +17,7 @@ from service.app import Service, start
 from service.keys import Keys
 from service.localservers import RedisProcess
 from service.settings import Settings
-from tests.helpers import Delta
+from tests.helpers import Delta, writer_channel
 
 if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
@@ -34,7 +34,7 @@ async def views_service(settings: Settings, private_redis: RedisProcess) -> Asyn
 
 @pytest.fixture
 async def views_stub(views_service: Service) -> AsyncIterator[Stub]:
-    async with aio.insecure_channel(f"127.0.0.1:{views_service.port}") as channel:
+    async with writer_channel(f"127.0.0.1:{views_service.port}") as channel:
         yield catalog_pb2_grpc.CatalogServiceStub(channel)
 
 

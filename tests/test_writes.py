@@ -22,7 +22,7 @@ from service.cache.store import FillItem
 from service.db import libpq_url
 from service.keys import Keys, Tag
 from service.settings import Settings
-from tests.helpers import Delta
+from tests.helpers import Delta, writer_channel
 from tests.processes import ServerProcess
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def writable(settings: Settings, fresh_database_url: str) -> Settings:
 @pytest.fixture
 async def api(writable: Settings, redis_client: Redis) -> AsyncIterator[tuple[Service, Stub]]:
     svc = await start(writable)
-    async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+    async with writer_channel(f"127.0.0.1:{svc.port}") as channel:
         yield svc, catalog_pb2_grpc.CatalogServiceStub(channel)
     await svc.stop(grace=0)
 
@@ -61,7 +61,7 @@ async def test_update_then_read_on_another_process_is_a_hit_with_new_data(
     _, stub = api
     other = ServerProcess(writable).start()
     try:
-        async with aio.insecure_channel(other.target) as channel:
+        async with writer_channel(other.target) as channel:
             remote = catalog_pb2_grpc.CatalogServiceStub(channel)
             before = await remote.GetProduct(pb.GetProductRequest(id=PID))  # cached there
             misses = other.metric("catalog_cache_requests_total", op="get", result="miss")
