@@ -222,3 +222,24 @@ async def test_reflection_can_be_switched_off(settings: Settings) -> None:
     finally:
         await svc.stop(grace=0)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# `make run` sets development secrets itself.
+
+
+def test_make_run_makes_a_page_key_and_a_write_token_it_prints() -> None:
+    from service.devrun import _dev_secrets, _usage
+
+    settings, token = _dev_secrets(Settings.from_env({}))
+    settings.check_can_serve()
+    assert settings.write_token_list == (token,)
+    assert f"authorization: Bearer {token}" in _usage("127.0.0.1:50051", settings, token)
+
+
+def test_make_run_honours_write_tokens_from_the_environment() -> None:
+    from service.devrun import _dev_secrets, _usage
+
+    given = Settings.from_env({f"{PREFIX}WRITE_TOKENS": WRITE_TOKEN})
+    settings, token = _dev_secrets(given)
+    assert (token, settings.write_tokens) == ("", WRITE_TOKEN)
+    assert WRITE_TOKEN not in _usage("127.0.0.1:50051", settings, token)
