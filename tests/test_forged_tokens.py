@@ -87,3 +87,12 @@ async def test_verify_sets_an_unreadable_page_aside_and_exits_2(
     assert "Traceback" not in done.stderr
     assert "stale: 0" in done.stdout
     assert "errors: 1" in done.stdout and "cannot be checked (ValueError)" in done.stdout
+
+
+def test_verify_exits_2_when_it_cannot_reach_redis(settings: Settings) -> None:
+    from service.localservers import free_port
+
+    done = run_verify(settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "catalog verify: could not check: ConnectionError" in done.stderr
+    assert "Traceback" not in done.stderr
