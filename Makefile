@@ -20,10 +20,11 @@ PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I pr
 PROTO_VERSION_LINES := -I 'Protobuf Python Version:' -I '^GRPC_GENERATED_VERSION = ' \
 	-I '^    [0-9][0-9]*,$$'
 
-.PHONY: help install proto proto-check lint format test run bench bench-quick up down compose-check clean
+.PHONY: help install proto proto-check lint format test run bench bench-quick lock secrets up down \
+	compose-check clean
 
 help:
-	@echo "targets: install proto proto-check lint format test run bench bench-quick up down compose-check clean"
+	@echo "targets: install proto proto-check lint format test run bench bench-quick lock secrets up down compose-check clean"
 
 install: $(STAMP)
 
@@ -76,7 +77,19 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench --quick --no-write  # a check: only a full run publishes figures
 
-up:
+# requirements.lock: the runtime dependencies (and the build backend) with their hashes, which
+# the Dockerfile installs with --require-hashes. Run after changing dependencies in pyproject.toml.
+lock: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'pip-tools>=7.4'
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
+		--allow-unsafe --strip-extras --all-build-deps --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
+
+# Random secrets for docker-compose.yml in ./secrets (existing ones are kept).
+secrets:
+	sh deploy/make-secrets.sh secrets
+
+up: secrets
 	$(COMPOSE) up -d --build
 
 down:

@@ -10,6 +10,7 @@ scenario uses a key namespace of its own, so every scenario starts cold.
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ from devtools.localservers import RedisProcess
 
 PRODUCTS = 100_000
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/catalog_bench"
+#: Secrets of this run only: the service refuses to start without a page-token key, and the
+#: Zipf scenario writes through UpdateProduct with this token.
+PAGE_TOKEN_SECRET = secrets.token_urlsafe(32)
+WRITE_TOKEN = secrets.token_urlsafe(32)
 
 
 def ensure_database(url: str) -> None:
@@ -68,5 +73,7 @@ class BenchEnv:
             redis_url=self.redis.url,
             key_namespace=f"bench{uuid.uuid4().hex[:8]}",
             log_level="WARNING",
+            page_token_secret=PAGE_TOKEN_SECRET,
+            write_tokens=WRITE_TOKEN,
             **changes,
         )

@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 from google.protobuf.field_mask_pb2 import FieldMask
-from grpc import aio
 
 from bench.environment import PRODUCTS, BenchEnv
 from bench.invalidation import invalidators
@@ -36,6 +35,7 @@ from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from devtools.serverprocess import scrape
 from devtools.workload import zipf_draws
+from service.auth import insecure_writer_channel
 
 SETTLE_S = 1.0
 
@@ -51,7 +51,7 @@ async def mixed(spec: dict[str, Any]) -> dict[str, Any]:
     draws = sampler()
     window = Window(spec["server_pids"], [])
     stop = False
-    async with aio.insecure_channel(spec["target"]) as channel:
+    async with insecure_writer_channel(spec["target"], spec["write_token"]) as channel:
         stub = catalog_pb2_grpc.CatalogServiceStub(channel)
         for k in range(0, PRODUCTS, 100):  # the cache starts full, as in steady state
             ids = [f"p{i:07d}" for i in range(k + 1, k + 101)]
@@ -106,6 +106,7 @@ def run(env: BenchEnv, warmup_s: float, duration_s: float) -> list[Row]:
     with invalidators(settings, 1, relay=True), server(settings) as srv:
         spec = {
             "target": srv.target,
+            "write_token": settings.write_tokens,
             "server_pids": srv.pids,
             "metrics_port": srv.metrics_port,
             "concurrency": 16,

@@ -26,6 +26,11 @@ VIEWS_RECORDED = Counter("catalog_views_recorded", "Product views counted in Red
 VIEWS_REFUSED = Counter(
     "catalog_views_refused", "Product views refused because the pending-views hash was full"
 )
+AUTH_REFUSED = Counter(
+    "catalog_auth_refused",
+    "Write calls refused by authorization, by method and reason",
+    ["method", "reason"],
+)
 RPC_LATENCY = Histogram(
     "catalog_rpc_duration_seconds",
     "Server-side RPC latency by method and status code",

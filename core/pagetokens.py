@@ -3,7 +3,9 @@
 A token carries the id the next page starts after, signed with HMAC-SHA256 over that id *and*
 the request's filters. A modified token, or one replayed with other filters, fails the check, so
 a client can neither forge a position nor carry a cursor across filters. The filters are part of
-the MAC but not of the token, which keeps tokens short.
+the MAC but not of the token, which keeps tokens short. A signed position is still validated as
+an id (a holder of the key can sign anything), and a token longer than any we issue is refused
+before it is decoded.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import binascii
 import hashlib
 import hmac
 
+from core import validation
 from core.errors import InvalidArgument
 
 _MAC_BYTES = 16
 _VERSION = b"\x01"
+#: The longest token we issue: version, MAC and the longest id, unpadded base64.
+MAX_TOKEN_LENGTH = -(-(1 + _MAC_BYTES + validation.MAX_ID_LENGTH) * 4 // 3)
+_INVALID = "page_token is invalid: it was modified, or issued for other filters"
 
 
 class PageTokens:
@@ -41,6 +47,8 @@ class PageTokens:
         """The ``after_id`` inside a token; "" for the first page. InvalidArgument if forged."""
         if not token:
             return ""
+        if len(token) > MAX_TOKEN_LENGTH:  # before any decoding: no work for a huge token
+            raise InvalidArgument(_INVALID)
         try:
             # Tokens are issued unpadded; padding or any other variant is not ours.
             body = (
@@ -59,7 +67,11 @@ class PageTokens:
                 body[1 : 1 + _MAC_BYTES], self._mac(raw, category_id, brand_id)
             )
         ):
-            raise InvalidArgument(
-                "page_token is invalid: it was modified, or issued for other filters"
-            )
-        return raw.decode()
+            raise InvalidArgument(_INVALID)
+        # A valid MAC says who signed the token, not that its contents are sane: whoever holds
+        # the key (a leaked or default one) can sign anything, so the position is an id like any
+        # other before it reaches a cache key, a page entry or SQL.
+        try:
+            return validation.check_id(raw.decode(), "page_token position")
+        except (UnicodeDecodeError, InvalidArgument):
+            raise InvalidArgument(_INVALID) from None

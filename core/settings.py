@@ -2,8 +2,11 @@
 
 The entry point calls :func:`Settings.from_env` and passes the frozen object down; nothing else
 reads the environment. Every field has a default that works against PostgreSQL on
-127.0.0.1:5432 and Redis on 127.0.0.1:6379. Invalid values raise :class:`SettingsError` naming the
-variable, the value and what was expected, so a bad deploy fails at start-up, not on first use.
+127.0.0.1:5432 and Redis on 127.0.0.1:6379, except the secrets: ``serve`` needs a page-token
+key (:meth:`Settings.check_can_serve`) and writes need tokens or client identities. Every
+secret can instead be read from a file named by ``<VARIABLE>_FILE`` (mounted secrets). Invalid
+values raise :class:`SettingsError` naming the variable, the value (never a secret's) and what
+was expected, so a bad deploy fails at start-up, not on first use.
 """
 
 from __future__ import annotations
@@ -12,12 +15,20 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 PREFIX = "CATALOG_"
+FILE_SUFFIX = "_FILE"
 T = TypeVar("T")
+#: The page-token key of earlier releases' defaults: known to everyone, so never accepted.
 DEV_PAGE_TOKEN_SECRET = "dev-only-page-token-secret"
+MIN_WRITE_TOKEN_LENGTH = 16
+MAX_SECRET_FILE_BYTES = 64 * 1024
+# A query parameter whose (decoded, lower-cased) name contains one of these carries a secret:
+# libpq's password and sslpassword, redis-py's password, and anything named like a credential.
+_SECRET_PARAMS = ("pass", "secret", "token", "credential", "auth")
 
 
 class SettingsError(ValueError):
@@ -25,15 +36,31 @@ class SettingsError(ValueError):
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for logs and reprs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with every credential replaced by ``***`` (safe for logs and reprs).
+
+    Covers the forms libpq (through SQLAlchemy) and redis-py accept: a password in the
+    authority (``user:PASSWORD@``, ``:PASSWORD@``, also when it holds ``/``, ``?`` or ``#``,
+    which SQLAlchemy's parser allows) and query parameters such as ``?password=``,
+    ``&sslpassword=`` or a percent-encoded ``%70assword=``. It errs on the side of hiding:
+    everything between ``://`` and the last ``@`` but the user name is hidden.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    userinfo, at, tail = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{tail}" if colon else f"{user}@{tail}"
+    base, question, query = rest.partition("?")
+    if question:
+        params = []
+        for param in query.split("&"):
+            name, equals, _ = param.partition("=")
+            if equals and any(s in unquote_plus(name).lower() for s in _SECRET_PARAMS):
+                param = f"{name}=***"
+            params.append(param)
+        rest = f"{base}?{'&'.join(params)}"
+    return f"{scheme}://{rest}"
 
 
 def secret(default: str, doc: str) -> Any:
@@ -61,8 +88,18 @@ class Settings:
     key_namespace: str = option("catalog", "prefix of every Redis key (several catalogs per Redis)")
     cache_enabled: bool = option(True, "false serves every read from PostgreSQL (baseline, debug)")
     page_token_secret: str = secret(
-        DEV_PAGE_TOKEN_SECRET, "HMAC key signing page tokens; same on every replica"
+        "", "HMAC key signing page tokens; same on every replica; `serve` refuses to start without"
     )
+    write_tokens: str = secret(
+        "", "comma-separated bearer tokens allowed to write (UpdateProduct); empty = none"
+    )
+    write_clients: str = option(
+        "", "comma-separated client certificate identities (SAN URI or DNS) allowed to write (mTLS)"
+    )
+    record_views_open: bool = option(
+        False, "true lets every caller call RecordProductViews; false requires a writer"
+    )
+    reflection: bool = option(True, "gRPC server reflection (what `grpcurl list` uses)")
 
     product_ttl_s: float = option(300.0, "TTL of a cached product", lo=1, hi=7 * 86400)
     page_ttl_s: float = option(300.0, "TTL of a cached list page (ids only)", lo=1, hi=7 * 86400)
@@ -154,6 +191,27 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}WORKERS > 1 needs a fixed port in {PREFIX}GRPC_ADDRESS, not port 0"
             )
+        for token in self.write_token_list:
+            if (
+                not MIN_WRITE_TOKEN_LENGTH <= len(token) <= 512
+                or not token.isprintable()
+                or " " in token
+            ):
+                raise SettingsError(
+                    f"{PREFIX}WRITE_TOKENS: each token must be {MIN_WRITE_TOKEN_LENGTH} to 512 "
+                    "printable characters without spaces or commas (the value is not shown)"
+                )
+        if self.write_clients.strip() and not self.tls_client_ca_file:
+            raise SettingsError(
+                f"{PREFIX}WRITE_CLIENTS names client certificates: it needs mTLS "
+                f"({PREFIX}TLS_CLIENT_CA_FILE)"
+            )
+        for client in self.write_client_list:
+            if len(client) > 1024 or not client.isprintable():
+                raise SettingsError(
+                    f"{PREFIX}WRITE_CLIENTS: identities are printable and at most 1024 "
+                    f"characters, got {client[:80]!r}"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
                 f"{PREFIX}LOG_LEVEL must be DEBUG..CRITICAL, got {self.log_level!r}"
@@ -163,10 +221,32 @@ class Settings:
         shown = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get("secret"):
+            if f.metadata.get("secret") and value:
                 value = redact_url(value) if "://" in value else "***"
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
+
+    @property
+    def write_token_list(self) -> tuple[str, ...]:
+        """The bearer tokens of ``write_tokens`` (blank items dropped)."""
+        return _items(self.write_tokens)
+
+    @property
+    def write_client_list(self) -> tuple[str, ...]:
+        """The client identities of ``write_clients`` (blank items dropped)."""
+        return _items(self.write_clients)
+
+    def check_can_serve(self) -> None:
+        """What ``catalog serve`` needs beyond the rest: a page-token key nobody else knows.
+
+        Not a ``__post_init__`` rule: migrations, the invalidator and tools never sign tokens.
+        """
+        if not self.page_token_secret or self.page_token_secret == DEV_PAGE_TOKEN_SECRET:
+            raise SettingsError(
+                f"{PREFIX}PAGE_TOKEN_SECRET (or {PREFIX}PAGE_TOKEN_SECRET_FILE) must be set to a "
+                "secret of your own, the same on every replica: it is "
+                + ("unset" if not self.page_token_secret else "the published development value")
+            )
 
     @property
     def database_url_safe(self) -> str:
@@ -185,9 +265,16 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(item for item in (part.strip() for part in text.split(",")) if item)
+
+
 def _parse(name: str, raw: str, kind: type, f: dataclasses.Field[Any]) -> Any:
     text = raw.strip()
     value: Any
+    if raw and not text:
+        # A blank TLS path must not quietly mean plaintext, nor a blank secret "none".
+        raise SettingsError(f"{name} is blank (only whitespace): unset it or give a value")
     if kind is bool:
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -216,10 +303,37 @@ def load(cls: type[T], environ: Mapping[str, str] | None, overrides: Mapping[str
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
         name = PREFIX + f.name.upper()
-        if name in env:
+        if f.metadata.get("secret") and name + FILE_SUFFIX in env:
+            if name in env:
+                raise SettingsError(f"set {name} or {name}{FILE_SUFFIX}, not both")
+            values[f.name] = _parse(name, _read_secret_file(name, env[name + FILE_SUFFIX]), str, f)
+        elif name in env:
             values[f.name] = _parse(name, env[name], hints[f.name], f)
     values.update(overrides)
     return cls(**values)
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    """A ``*_FILE`` secret (a mounted Docker or Kubernetes secret): its text, one trailing
+    newline removed. Errors name the variable and the path, never the contents."""
+    variable = name + FILE_SUFFIX
+    if not path.strip():
+        raise SettingsError(f"{variable} is blank: unset it or name a file")
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise SettingsError(f"{variable}: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise SettingsError(f"{variable}: {path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text.strip():
+        raise SettingsError(f"{variable}: {path} is empty")
+    return text
 
 
 def describe(cls: type[Any] = Settings) -> list[tuple[str, str, str]]:
@@ -228,6 +342,6 @@ def describe(cls: type[Any] = Settings) -> list[tuple[str, str, str]]:
     for f in fields(cls):
         default = str(f.default)
         if f.metadata.get("secret") and "://" not in default:
-            default = "(secret)"
+            default = "(secret)" if default else "(unset)"
         rows.append((PREFIX + f.name.upper(), default, f.metadata["doc"]))
     return rows

@@ -5,6 +5,7 @@ the certificate may carry its chain) turn TLS on; ``tls_client_ca_file`` additio
 client certificates signed by that CA *required* (mTLS). Files are read and checked once, at
 start-up, so a wrong path, a key that does not match its certificate or a CA file that is not
 PEM stops the process with a message naming the variable, instead of failing every handshake.
+An encrypted private key is such an error too: nothing here may ever prompt for a pass-phrase.
 Nothing here logs file contents.
 """
 
@@ -18,6 +19,12 @@ from grpc import aio
 
 from core.settings import PREFIX, Settings, SettingsError
 
+_ENCRYPTED = (
+    f"{PREFIX}TLS_KEY_FILE: the private key is encrypted (protected by a pass-phrase), which is "
+    "not supported: give an unencrypted key readable by the service user only, e.g. "
+    "`openssl pkey -in encrypted.key -out server.key`"
+)
+
 
 def _read(path: str, setting: str) -> bytes:
     try:
@@ -26,11 +33,26 @@ def _read(path: str, setting: str) -> bytes:
         raise SettingsError(f"{PREFIX}{setting}: cannot read {path}: {exc.strerror}") from None
 
 
-def _check(settings: Settings) -> None:
+class _Encrypted(Exception):
+    """The private key asked for a pass-phrase."""
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL would prompt on the terminal (and block start-up there).
+    raise _Encrypted
+
+
+def _check(settings: Settings, key: bytes) -> None:
     """Let OpenSSL parse the files now: a mismatched or malformed file fails here, named."""
+    if b"ENCRYPTED" in key:  # PKCS#8 "ENCRYPTED PRIVATE KEY" or a legacy "Proc-Type: 4,ENCRYPTED"
+        raise SettingsError(_ENCRYPTED)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        context.load_cert_chain(
+            settings.tls_cert_file, settings.tls_key_file, password=_no_passphrase
+        )
+    except _Encrypted:
+        raise SettingsError(_ENCRYPTED) from None
     except (ssl.SSLError, ValueError) as exc:
         raise SettingsError(
             f"{PREFIX}TLS_CERT_FILE / {PREFIX}TLS_KEY_FILE: not a PEM certificate and its "
@@ -56,7 +78,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         if settings.tls_client_ca_file
         else None
     )
-    _check(settings)
+    _check(settings, key)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )

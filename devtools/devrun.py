@@ -2,10 +2,12 @@
 
 Uses the configured PostgreSQL and Redis when they answer; otherwise starts private ones under
 ``.run/`` (the PostgreSQL cluster, and so its seeded data, is reused by the next run). Then it
-migrates, seeds, starts every process of ``CHILDREN`` and warms the cache. It runs until
-SIGINT/SIGTERM (exit 0) or until a child exits (exit with that child's code, never 0). Either way,
-every child and every server it started is stopped before it returns; servers it found running
-are left alone.
+migrates, seeds, starts every process of ``CHILDREN`` and warms the cache. Development secrets:
+a page-token key made for this run, and a write token made for it too unless
+``CATALOG_WRITE_TOKENS`` (or its ``_FILE``) is set; the banner shows how to present it. It runs
+until SIGINT/SIGTERM (exit 0) or until a child exits (exit with that child's code, never 0).
+Either way, every child and every server it started is stopped before it returns; servers it
+found running are left alone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,7 +30,14 @@ import redis
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
-from core.settings import Settings, SettingsError, redact_url
+from core.settings import (
+    DEV_PAGE_TOKEN_SECRET,
+    FILE_SUFFIX,
+    PREFIX,
+    Settings,
+    SettingsError,
+    redact_url,
+)
 from devtools.localservers import PostgresCluster, RedisProcess
 
 # The processes of a development stack, started in this order and stopped in reverse.
@@ -97,10 +107,19 @@ def _run(settings: Settings, run_dir: Path, products: int, cleanup: contextlib.E
     else:
         log.info("catalog already seeded")
 
+    settings, generated_token = _dev_secrets(settings)
+    # The values below replace any *_FILE variant (a child refuses both).
+    passed = ("DATABASE_URL", "REDIS_URL", "PAGE_TOKEN_SECRET", "WRITE_TOKENS")
     env = {
-        **os.environ,
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in {PREFIX + n + FILE_SUFFIX for n in passed}
+        },
         "CATALOG_DATABASE_URL": settings.database_url,
         "CATALOG_REDIS_URL": settings.redis_url,
+        "CATALOG_PAGE_TOKEN_SECRET": settings.page_token_secret,
+        "CATALOG_WRITE_TOKENS": settings.write_tokens,
         "PYTHONUNBUFFERED": "1",
     }
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -122,10 +141,20 @@ def _run(settings: Settings, run_dir: Path, products: int, cleanup: contextlib.E
         time.sleep(0.1)
     # Warm the cache through the service's own fill path before anyone calls it.
     subprocess.run(WARM, env=env, check=False)
-    print(_usage(f"{host}:{port}", settings), flush=True)
+    print(_usage(f"{host}:{port}", settings, generated_token), flush=True)
     while (code := _exit_code_of_dead(children)) is None:
         time.sleep(0.2)
     return code
+
+
+def _dev_secrets(settings: Settings) -> tuple[Settings, str]:
+    """Settings with development secrets where none are set; the write token made, or ""."""
+    if not settings.page_token_secret or settings.page_token_secret == DEV_PAGE_TOKEN_SECRET:
+        settings = settings.replace(page_token_secret=secrets.token_urlsafe(32))
+    if settings.write_token_list:
+        return settings, ""
+    token = "dev-" + secrets.token_urlsafe(24)
+    return settings.replace(write_tokens=token), token
 
 
 def _ensure_postgres(settings: Settings, run_dir: Path, cleanup: contextlib.ExitStack) -> Settings:
@@ -222,10 +251,17 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def _usage(target: str, settings: Settings) -> str:
+def _usage(target: str, settings: Settings, generated_token: str) -> str:
     metrics = (
         f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
     )
+    if generated_token:
+        token, token_origin = (
+            generated_token,
+            "made for this run; set CATALOG_WRITE_TOKENS to choose",
+        )
+    else:
+        token, token_origin = "$TOKEN", "one of CATALOG_WRITE_TOKENS"
     return f"""
 catalog is serving on {target}
   PostgreSQL: {settings.database_url_safe}
@@ -237,6 +273,11 @@ Call it with grpcurl:
   grpcurl -plaintext -d '{{"id":"p0000001"}}' {target} catalog.v1.CatalogService/GetProduct
   grpcurl -plaintext -d '{{"page_size":5}}' {target} catalog.v1.CatalogService/ListProducts
   grpcurl -plaintext {target} grpc.health.v1.Health/Check
+
+Writes need a bearer token ({token_origin}):
+  grpcurl -plaintext -H "authorization: Bearer {token}" \\
+    -d '{{"product":{{"id":"p0000001","name":"Renamed"}},"update_mask":"name"}}' \\
+    {target} catalog.v1.CatalogService/UpdateProduct
 
 or from Python (.venv/bin/python):
   import grpc

@@ -130,10 +130,13 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
-    """Exit 1 when any cached entry is stale (docs/operations.md), 0 when none is."""
+    """Exit 1 when any cached entry is stale (docs/operations.md), 0 when none is, 2 when the
+    check itself failed: an entry it could not check, or a server it could not reach."""
     import asyncio
 
     from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
 
     from core.db import create_engine
     from core.keys import Keys
@@ -148,9 +151,15 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
             await redis.aclose()
             await engine.dispose()
         print(render(report, settings.key_namespace))
-        return 1 if report.stale else 0
+        return 2 if report.errors else 1 if report.stale else 0
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except (RedisError, OSError, SQLAlchemyError) as exc:
+        # 1 means "stale entries": a check that could not run is an error (2), not a verdict.
+        detail = getattr(exc, "orig", None) or exc
+        print(f"catalog verify: could not check: {type(exc).__name__}: {detail}", file=sys.stderr)
+        return 2
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -165,7 +174,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("migrate", "apply database migrations up to the newest revision", _migrate),
     Command("seed", "load deterministic demo data", _seed, _seed_arguments),
     Command(
-        "verify", "compare every cached entry with PostgreSQL; exit 1 if any is stale", _verify
+        "verify",
+        "compare every cached entry with PostgreSQL; exit 1 if any is stale, 2 on errors",
+        _verify,
     ),
 )
 

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.cache import entry
+from core.db import is_connection_error
 from core.keys import LEASE_SUFFIX, NEGATIVE, Keys
 from core.repository import LoadedProduct, Repository
 
@@ -50,6 +51,8 @@ class Report:
     negatives: int = 0
     pages: int = 0
     stale: list[Stale] = field(default_factory=list)
+    #: Entries that could not be checked (unreadable, or a request PostgreSQL rejects).
+    errors: list[Stale] = field(default_factory=list)
 
 
 async def verify(redis: Redis, engine: AsyncEngine, keys: Keys, batch: int = BATCH) -> Report:
@@ -122,12 +125,25 @@ async def _check_pages(redis: Redis, repo: Repository, keys: Keys, report: Repor
             if raw is None:
                 continue  # invalidated or expired since the scan
             report.pages += 1
-            page = entry.unpack_page(entry.payload(raw))
-            if await _page_problem(repo, keys, page_key, page) is None:
-                continue
-            problem = await _page_problem(repo, keys, page_key, page)  # database, then Redis
-            if problem is not None and await redis.get(page_key) == raw:
-                report.stale.append(Stale("page", page_key, _describe(page), problem))
+            try:
+                await _check_page(redis, repo, keys, page_key, raw, report)
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise
+                # One entry that cannot be checked is set aside; the others still are.
+                what = f"cannot be checked ({type(exc).__name__})"
+                report.errors.append(Stale("page", page_key, "?", what))
+
+
+async def _check_page(
+    redis: Redis, repo: Repository, keys: Keys, page_key: str, raw: bytes, report: Report
+) -> None:
+    page = entry.unpack_page(entry.payload(raw))
+    if await _page_problem(repo, keys, page_key, page) is None:
+        return
+    problem = await _page_problem(repo, keys, page_key, page)  # database, then Redis
+    if problem is not None and await redis.get(page_key) == raw:
+        report.stale.append(Stale("page", page_key, _describe(page), problem))
 
 
 def _describe(page: entry.PageBody) -> str:
@@ -161,4 +177,7 @@ def render(report: Report, namespace: str) -> str:
         f"stale: {len(report.stale)}",
     ]
     lines += [f"  {s.kind} {s.what}: {s.detail} [{s.key}]" for s in report.stale]
+    if report.errors:
+        lines.append(f"errors: {len(report.errors)}")
+        lines += [f"  {s.kind} {s.detail} [{s.key!r}]" for s in report.errors]
     return "\n".join(lines)

@@ -31,8 +31,9 @@ from core.keys import Keys
 from core.metrics import start_metrics_server
 from core.pagetokens import PageTokens
 from core.repository import Repository
-from core.settings import DEV_PAGE_TOKEN_SECRET, Settings
+from core.settings import Settings
 from core.tls import add_port, server_credentials
+from service.auth import WritePolicy
 from service.grpc_api import SERVICE_NAME, CatalogApi, generic_handler
 from service.views import ViewCounter
 from service.writes import ProductWriter
@@ -101,10 +102,8 @@ async def start(
 
     ``repository`` lets tests pause or break database reads around the real queries.
     """
-    if settings.page_token_secret == DEV_PAGE_TOKEN_SECRET:
-        log.warning(
-            "CATALOG_PAGE_TOKEN_SECRET is the development default: page tokens are forgeable"
-        )
+    settings.check_can_serve()
+    writers = WritePolicy.from_settings(settings)
     credentials = server_credentials(settings)  # bad TLS files fail before any connection
     engine = create_engine(settings)
     redis = create_redis(settings)
@@ -126,12 +125,13 @@ async def start(
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
-    server.add_generic_rpc_handlers((generic_handler(api),))
+    server.add_generic_rpc_handlers((generic_handler(api, writers),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     port = add_port(server, settings.grpc_address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.grpc_address}")
@@ -139,11 +139,13 @@ async def start(
     await server.start()
     monitor = asyncio.create_task(_monitor_health(repo, health_servicer, settings))
     log.info(
-        "serving catalog.v1 on port %d (cache %s, %s)",
+        "serving catalog.v1 on port %d (cache %s, %s, reflection %s)",
         port,
         "on" if store else "off",
         "mTLS" if settings.tls_client_ca_file else "TLS" if credentials else "plaintext",
+        "on" if settings.reflection else "off",
     )
+    (log.warning if writers.read_only else log.info)("%s", writers.describe())
     return Service(settings, server, port, redis, engine, reader, health_servicer, monitor)
 
 
@@ -168,6 +170,13 @@ async def _monitor_health(repo: Repository, servicer: HealthServicer, settings: 
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    settings.check_can_serve()
+    # Signals first: a SIGTERM that arrives while the server starts (a supervisor stopping a
+    # group of workers, one of them still starting) must stop it gracefully, not kill it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     start_metrics_server(settings.metrics_port, settings.metrics_address)
     service = await start(settings)
     # What start-up built (modules, clients, the server) lives as long as the process: freeze
@@ -175,10 +184,6 @@ async def run(settings: Settings) -> None:
     # cyclic objects of gRPC's and redis-py's, so collections run all the time under load).
     gc.collect()
     gc.freeze()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
         log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)

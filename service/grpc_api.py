@@ -32,6 +32,7 @@ from core.errors import (
 )
 from core.metrics import RPC_LATENCY
 from core.pagetokens import PageTokens
+from service.auth import WritePolicy
 from service.views import ViewCounter
 from service.writes import ProductWriter, parse_update
 
@@ -167,12 +168,15 @@ def _parsed(
     return parse_then_call
 
 
-def generic_handler(api: CatalogApi) -> grpc.GenericRpcHandler[Any, bytes]:
-    """The service's handlers: raw bytes in (parsed by :func:`_parsed`), raw bytes out."""
+def generic_handler(api: CatalogApi, writers: WritePolicy) -> grpc.GenericRpcHandler[Any, bytes]:
+    """The service's handlers: raw bytes in (parsed by :func:`_parsed`), raw bytes out. The
+    write methods are wrapped by ``writers`` here, once; read handlers are left as they are."""
 
     def method(name: str, fn: Callable[[Any], Awaitable[bytes]], request: Any) -> Any:
         return grpc.unary_unary_rpc_method_handler(
-            _unary(name, _parsed(request, fn)), request_deserializer=None, response_serializer=None
+            writers.guard(name, _unary(name, _parsed(request, fn))),
+            request_deserializer=None,
+            response_serializer=None,
         )
 
     return grpc.method_handlers_generic_handler(

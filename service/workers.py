@@ -59,6 +59,7 @@ def serve(settings: Settings, workers: int | None = None) -> int:
 
     if workers is not None:
         settings = settings.replace(workers=workers)
+    settings.check_can_serve()  # before workers fork, so the group exits 2 at once
     if settings.workers == 1:
         asyncio.run(run(settings))
         return 0

@@ -45,7 +45,10 @@ class Authority:
         self.cert = directory / f"{name}.pem"
         self.cert.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool) -> Issued:
+    def issue(
+        self, common_name: str, *, server: bool, names: tuple[x509.GeneralName, ...] = ()
+    ) -> Issued:
+        """A leaf certificate; ``names`` are a client's SANs (e.g. a SPIFFE id as a URI)."""
         key = ec.generate_private_key(ec.SECP256R1())
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -58,6 +61,10 @@ class Authority:
                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
                 ),
                 critical=False,
+            )
+        elif names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(list(names)), critical=False
             )
         cert = builder.sign(self._key, hashes.SHA256())
         issued = Issued(

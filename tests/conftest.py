@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from core.settings import Settings
 from devtools.localservers import RedisProcess
-from tests.helpers import delete_namespace
+from tests.helpers import delete_namespace, make_settings, writer_channel
 
 SEED_PRODUCTS = 300
 
@@ -116,8 +116,7 @@ def fresh_database_url(pg_base_url: str) -> Iterator[str]:
 @pytest.fixture
 def settings(database_url: str, redis_url: str) -> Settings:
     """Settings for one test: shared servers, a key namespace of its own."""
-    return Settings.from_env(
-        {},
+    return make_settings(
         database_url=database_url,
         redis_url=redis_url,
         key_namespace=f"t{uuid.uuid4().hex[:10]}",
@@ -168,9 +167,7 @@ async def service(settings: Settings, redis_client: object) -> AsyncIterator[obj
 
 @pytest.fixture
 async def stub(service: object) -> AsyncIterator[object]:
-    from grpc import aio
-
     from catalog.v1 import catalog_pb2_grpc
 
-    async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:  # type: ignore[attr-defined]
+    async with writer_channel(f"127.0.0.1:{service.port}") as channel:  # type: ignore[attr-defined]
         yield catalog_pb2_grpc.CatalogServiceStub(channel)

@@ -1,4 +1,5 @@
-"""Small helpers shared by tests: metric deltas and bounded waiting for a condition."""
+"""Small helpers shared by tests: metric deltas, bounded waiting for a condition, and the
+secrets every test service runs with (a page-token key and a write token)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,28 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+from grpc import aio
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+
+from core.settings import Settings
+from service.auth import insecure_writer_channel
+
+PAGE_TOKEN_SECRET = "test-page-token-secret-not-for-production"
+WRITE_TOKEN = "test-write-token-0123456789abcdef"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings from no environment at all, with the test secrets, then ``overrides``."""
+    values: dict[str, Any] = {"page_token_secret": PAGE_TOKEN_SECRET, "write_tokens": WRITE_TOKEN}
+    return Settings.from_env({}, **(values | overrides))
+
+
+def writer_channel(target: str, token: str = WRITE_TOKEN) -> aio.Channel:
+    """A plaintext channel whose every call presents ``token`` (writes are authorized)."""
+    return insecure_writer_channel(target, token)
 
 
 def metric(name: str, **labels: str) -> float:

@@ -33,10 +33,11 @@ from sqlalchemy import event
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.pagetokens import PageTokens
-from core.settings import Settings
 from devtools.localservers import RedisProcess
 from service.app import Service, start
+from service.auth import bearer_metadata
 from tests.conftest import create_database, drop_database
+from tests.helpers import WRITE_TOKEN, make_settings, writer_channel
 
 if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
@@ -111,8 +112,7 @@ class Counted:
 
 @pytest.fixture(scope="module")
 async def counted(own_database: str, own_redis: RedisProcess) -> AsyncIterator[Counted]:
-    settings = Settings.from_env(
-        {},
+    settings = make_settings(
         database_url=own_database,
         redis_url=own_redis.url,
         grpc_address="127.0.0.1:0",
@@ -133,7 +133,7 @@ async def counted(own_database: str, own_redis: RedisProcess) -> AsyncIterator[C
 
 @pytest.fixture
 async def stub(counted: Counted) -> AsyncIterator[Stub]:
-    async with aio.insecure_channel(f"127.0.0.1:{counted.service.port}") as channel:
+    async with writer_channel(f"127.0.0.1:{counted.service.port}") as channel:
         yield catalog_pb2_grpc.CatalogServiceStub(channel)
 
 
@@ -294,7 +294,7 @@ async def test_bytes_that_are_no_request_are_invalid_argument_before_any_io(
 ) -> None:
     raw = raw or not_utf8(SERVICE.methods_by_name[rpc].input_type)
     moved = counted.io()
-    async with aio.insecure_channel(f"127.0.0.1:{counted.service.port}") as channel:
+    async with writer_channel(f"127.0.0.1:{counted.service.port}") as channel:
         send = channel.unary_unary(f"/{SERVICE.full_name}/{rpc}", None, None)  # raw bytes
         with pytest.raises(aio.AioRpcError) as err:
             await send(raw, timeout=10)
@@ -443,7 +443,7 @@ async def test_no_request_of_any_rpc_is_answered_as_a_bug(counted: Counted, rpc:
             @given(requests.map(lambda m: m.SerializeToString()) | st.binary())
             def check(request: bytes) -> None:
                 try:
-                    send(request, timeout=10)
+                    send(request, timeout=10, metadata=bearer_metadata(WRITE_TOKEN))
                     seen.add(grpc.StatusCode.OK)
                 except grpc.RpcError as exc:
                     call = cast(grpc.Call, exc)

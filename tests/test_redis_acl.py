@@ -33,7 +33,7 @@ from core.settings import Settings
 from devtools.localservers import RedisProcess, free_port
 from service.app import start
 from tests.certs import Authority
-from tests.helpers import Delta, eventually
+from tests.helpers import Delta, eventually, make_settings, writer_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "security.md").read_text()
@@ -78,8 +78,7 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
 ) -> None:
     server, namespace, passwords = acl_redis
     keys = Keys(namespace)
-    settings = Settings.from_env(
-        {},
+    settings = make_settings(
         database_url=fresh_database_url,
         redis_url=user_url(server, "catalog-service", passwords["catalog-service"]),
         key_namespace=namespace,
@@ -91,7 +90,7 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
     admin = Redis.from_url(server.url)
     invalidator = None
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        async with writer_channel(f"127.0.0.1:{service.port}") as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
             await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
@@ -228,7 +227,7 @@ async def test_the_service_reads_through_rediss(
     hits = Delta("catalog_cache_requests_total", op="get", result="hit")
     service = await start(settings.replace(redis_url=url, grpc_address="127.0.0.1:0"))
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        async with writer_channel(f"127.0.0.1:{service.port}") as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             for _ in range(2):
                 await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)

@@ -30,6 +30,7 @@ from catalog.v1 import catalog_pb2_grpc
 from core.settings import PREFIX, Settings
 from devtools.localservers import RedisProcess, free_port, wait_for_port
 from service.app import start
+from tests.helpers import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +94,7 @@ async def test_the_service_logs_and_answers_without_passwords(
     secrets: Secrets, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    settings = Settings.from_env(
-        {},
+    settings = make_settings(
         database_url=secrets.database_url,
         redis_url=secrets.redis_url,
         grpc_address="127.0.0.1:0",
@@ -131,7 +131,8 @@ def test_the_service_and_the_invalidator_processes_keep_passwords_out_of_stderr(
         "serve": (
             [sys.executable, "-m", "service"],
             env_of(secrets, **{f"{PREFIX}GRPC_ADDRESS": f"127.0.0.1:{port}",
-                               f"{PREFIX}METRICS_PORT": "0"}),
+                               f"{PREFIX}METRICS_PORT": "0",
+                               f"{PREFIX}PAGE_TOKEN_SECRET": secrets.pg_password}),
         ),
         "invalidator": (
             [sys.executable, "-m", "invalidator"],

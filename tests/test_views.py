@@ -17,7 +17,7 @@ from core.keys import Keys
 from core.settings import Settings
 from devtools.localservers import RedisProcess
 from service.app import Service, start
-from tests.helpers import Delta
+from tests.helpers import Delta, writer_channel
 
 if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
@@ -34,7 +34,7 @@ async def views_service(settings: Settings, private_redis: RedisProcess) -> Asyn
 
 @pytest.fixture
 async def views_stub(views_service: Service) -> AsyncIterator[Stub]:
-    async with aio.insecure_channel(f"127.0.0.1:{views_service.port}") as channel:
+    async with writer_channel(f"127.0.0.1:{views_service.port}") as channel:
         yield catalog_pb2_grpc.CatalogServiceStub(channel)
 
 
@@ -170,7 +170,7 @@ async def test_a_flood_of_unknown_ids_is_capped_and_gone_after_the_flush(
     refused = Delta("catalog_views_refused_total")
     try:
         async with (
-            aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel,
+            writer_channel(f"127.0.0.1:{svc.port}") as channel,
             Redis.from_url(private_redis.url) as redis,
         ):
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)

@@ -24,7 +24,7 @@ from core.keys import Keys, Tag
 from core.repository import LoadedProduct, Repository
 from core.settings import Settings
 from service.app import Service, create_store, start
-from tests.helpers import Delta
+from tests.helpers import Delta, writer_channel
 from tests.processes import ServerProcess
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def writable(settings: Settings, fresh_database_url: str) -> Settings:
 @pytest.fixture
 async def api(writable: Settings, redis_client: Redis) -> AsyncIterator[tuple[Service, Stub]]:
     svc = await start(writable)
-    async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+    async with writer_channel(f"127.0.0.1:{svc.port}") as channel:
         yield svc, catalog_pb2_grpc.CatalogServiceStub(channel)
     await svc.stop(grace=0)
 
@@ -63,7 +63,7 @@ async def test_update_then_read_on_another_process_is_a_hit_with_new_data(
     _, stub = api
     other = ServerProcess(writable).start()
     try:
-        async with aio.insecure_channel(other.target) as channel:
+        async with writer_channel(other.target) as channel:
             remote = catalog_pb2_grpc.CatalogServiceStub(channel)
             before = await remote.GetProduct(pb.GetProductRequest(id=PID))  # cached there
             misses = other.metric("catalog_cache_requests_total", op="get", result="miss")
@@ -321,7 +321,7 @@ async def test_a_committed_update_returns_the_product_when_its_re_read_fails(
     product (from the write transaction), not UNAVAILABLE inviting a retry of a done update."""
     svc = await start(writable, repository=ReadsFailAfterCommit)
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        async with writer_channel(f"127.0.0.1:{svc.port}") as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             before = await stub.GetProduct(pb.GetProductRequest(id=PID))  # cached
             ReadsFailAfterCommit.failing = True

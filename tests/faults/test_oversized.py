@@ -21,7 +21,7 @@ from catalog.v1 import catalog_pb2_grpc
 from core.settings import Settings
 from core.validation import MAX_ID_LENGTH, MAX_VIEW_BATCH
 from service.grpc_api import SERVICE_NAME
-from tests.helpers import proc_status_kib
+from tests.helpers import proc_status_kib, writer_channel
 from tests.processes import ServerProcess
 
 pytestmark = pytest.mark.fault
@@ -45,7 +45,7 @@ async def test_oversized_requests_are_refused_and_memory_stays_bounded(
     try:
         assert server.proc is not None
         pid = server.proc.pid
-        async with aio.insecure_channel(server.target) as channel:
+        async with writer_channel(server.target) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             request = pb.GetProductRequest(id="p0000020")
             for _ in range(200):  # cached, and the server's pools warm

@@ -52,7 +52,7 @@ from tests.faults.conftest import (
     wait_until,
 )
 from tests.faults.test_redis_faults import DEADLINE_S, PAUSE_S, reads_during_pause
-from tests.helpers import proc_status_kib
+from tests.helpers import proc_status_kib, writer_channel
 from tests.invalidator.conftest import group_info
 from tests.invalidator.test_processes import consumer_pending
 
@@ -159,7 +159,7 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
         an outbox row). While PostgreSQL is down it waits for it instead of spinning."""
         draws = zipf_draws(PRODUCT_IDS, 10_000, seed=11)
         end = time.monotonic() + SOAK_S + 60
-        async with aio.insecure_channel(soak_server.target) as channel:
+        async with writer_channel(soak_server.target) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             for n, pid in enumerate(itertools.islice(itertools.cycle(draws), MAX_UPDATES)):
                 if stop_writing.is_set() or time.monotonic() > end:

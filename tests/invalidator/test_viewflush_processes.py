@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from grpc import aio
 from redis.asyncio import Redis
 
 from catalog.v1 import catalog_pb2 as pb
@@ -25,7 +24,7 @@ from core.keys import Keys
 from core.settings import Settings
 from devtools.localservers import free_port, wait_for_port
 from devtools.serverprocess import ServerProcess, scrape, settings_env
-from tests.helpers import eventually
+from tests.helpers import eventually, writer_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -99,7 +98,7 @@ async def test_50k_concurrent_views_over_processes_reach_postgresql_exactly(
     ]
     sent = Counter(product_id for batch in batches for product_id in batch)
     assert sent.total() == 50_000
-    channels = [aio.insecure_channel(s.target) for s in stack.servers]
+    channels = [writer_channel(s.target) for s in stack.servers]
     stubs = [catalog_pb2_grpc.CatalogServiceStub(c) for c in channels]
     try:
         # A first view, flushed: both flusher loops are running before the load starts.
