@@ -1,0 +1,112 @@
+"""Hostile entries against a consumer on a real Redis: each is dead-lettered alone with its
+reason, its valid neighbours are applied, the loops survive; an entry delivered many times is
+still attempted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from invalidator.deadletter import list_dead_letters
+from invalidator.publisher import Publisher
+from service.cache.store import CacheStore
+from service.keys import Keys, Tag
+from tests.helpers import eventually
+from tests.invalidator.conftest import Consumers, exists, fill, group_info
+
+BASE = {"schema": "1", "type": "product.updated", "event_id": "e", "occurred_at": "1"}
+
+
+def hostile(**fields: Any) -> dict[Any, Any]:
+    return {**BASE, "product_id": "h", **fields}
+
+
+# (what, the entry's fields, a part of the dead letter's reason)
+HOSTILE: list[tuple[str, dict[Any, Any], str]] = [
+    ("occurred_at of 400 nines", hostile(occurred_at="9" * 400), "at most 15 digits"),
+    ("occurred_at of 5000 digits", hostile(occurred_at="9" * 5000), "at most 15 digits"),
+    ("occurred_at past year 9999", hostile(occurred_at="9" * 15), "over its maximum"),
+    ("negative version", hostile(version="-1"), "must be a non-negative integer"),
+    ("version past 2**53", hostile(version=str(2**53)), "over its maximum"),
+    ("id of 129 characters", hostile(product_id="x" * 129), "not a valid id"),
+    ("id of 100 kB", hostile(product_id="x" * 100_000), "(max 8192)"),
+    ("event_id of 200 characters", hostile(event_id="e" * 200), "'event_id' must be"),
+    ("non-UTF-8 id", {**hostile(), "product_id": b"\xff\xfe"}, "not UTF-8"),
+    ("1 MB entry", hostile(blob="x" * 1_000_000), "(max 8192)"),
+    ("40 extra fields", hostile(**{f"x{i}": "1" for i in range(40)}), "(max 32)"),
+    ("missing event_id", {"schema": "1", "type": "product.updated"}, "missing field 'event_id'"),
+    ("unknown type", hostile(type="product.exploded"), "unknown event type"),
+    ("half move", hostile(previous_category_id="c1"), "requires field 'category_id'"),
+]
+
+
+async def drained(redis: Redis, keys: Keys) -> bool:
+    info = await group_info(redis, keys)
+    return bool(info["pending"] == 0 and info["lag"] == 0)
+
+
+async def test_each_hostile_entry_is_dead_lettered_alone_and_valid_neighbours_are_applied(
+    store: CacheStore, consumers: Consumers, publisher: Publisher, redis: Redis, keys: Keys
+) -> None:
+    valid = [f"v{i}" for i in range(len(HOSTILE) + 1)]
+    for pid in valid:
+        await fill(store, keys.product(pid), [Tag.product(pid)])
+    page = keys.page("c1", "", "", 10)
+    await fill(store, page, [Tag.list_category("c1")])
+    await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    # One batch: valid, hostile, valid, hostile, ..., valid.
+    for pid, (_, fields, _) in zip(valid, HOSTILE, strict=False):
+        await publisher.publish_product_updated(pid)
+        await redis.xadd(keys.stream, fields)
+    await publisher.publish_product_updated(valid[-1])
+
+    consumer = consumers.start("c")
+    await eventually(lambda: drained(redis, keys), what="every entry acked")
+
+    assert await exists(redis, *(keys.product(pid) for pid in valid)) == [False] * len(valid)
+    letters = await list_dead_letters(redis, keys)
+    assert len(letters) == len(HOSTILE)
+    for letter, (what, _, reason) in zip(letters, HOSTILE, strict=True):
+        assert reason in letter.reason, what
+    assert (consumer.stats.processed, consumer.stats.dead_lettered) == (len(valid), len(HOSTILE))
+    assert await exists(redis, page) == [True], "the half move voided no list page"
+    # The loops survived: the next valid event is applied too.
+    await fill(store, keys.product("after"), [Tag.product("after")])
+    await publisher.publish_product_updated("after")
+    await eventually(lambda: _gone(redis, keys.product("after")), what="event after the batch")
+    (_, task, _) = consumers.running[0]
+    assert not task.done()
+
+
+@pytest.mark.parametrize("holder", ["c", "dead-consumer"])
+async def test_an_entry_delivered_many_times_is_attempted_and_applied(
+    holder: str,
+    store: CacheStore,
+    consumers: Consumers,
+    publisher: Publisher,
+    redis: Redis,
+    keys: Keys,
+) -> None:
+    """Timeouts and restarts raise the delivery count without any failed attempt: the count alone
+    must not dead-letter an entry. ``c`` restarts and drains it as its own pending entry;
+    ``dead-consumer``'s entry is reclaimed by ``c`` after min-idle."""
+    await fill(store, keys.product("1"), [Tag.product("1")])
+    await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    entry_id = await publisher.publish_product_updated("1")
+    await redis.xreadgroup(keys.group, holder, {keys.stream: ">"})
+    for _ in range(10):  # each XCLAIM (without JUSTID) counts one more delivery
+        await redis.xclaim(keys.stream, keys.group, holder, 0, [entry_id])
+    (row,) = await redis.xpending_range(keys.stream, keys.group, "-", "+", 1)
+    assert row["times_delivered"] == 11
+
+    consumer = consumers.start("c", invalidator_max_deliveries=3)
+    await eventually(lambda: drained(redis, keys), what="entry acked")
+    assert await list_dead_letters(redis, keys) == []
+    assert await exists(redis, keys.product("1")) == [False]
+    assert (consumer.stats.processed, consumer.stats.dead_lettered) == (1, 0)
+
+
+async def _gone(redis: Redis, *names: str) -> bool:
+    return not any(await exists(redis, *names))
