@@ -338,7 +338,12 @@ class Consumer:
                 letter = dead_letter_fields(
                     fields, reason=reason, entry_id=entry_id, consumer=self.name
                 )
-                pipe.xadd(self.keys.dead_letter_stream, letter)  # type: ignore[arg-type]
+                pipe.xadd(
+                    self.keys.dead_letter_stream,
+                    letter,  # type: ignore[arg-type]
+                    maxlen=self.settings.invalidator_dead_letter_maxlen,
+                    approximate=True,
+                )
             pipe.xack(self.keys.stream, self.keys.group, *ids)
             await pipe.execute()
         for entry_id, _, reason in dead:

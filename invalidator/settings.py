@@ -49,6 +49,9 @@ class InvalidatorSettings:
     invalidator_max_deliveries: int = option(
         5, "deliveries after which an entry is dead-lettered", lo=1, hi=1000
     )
+    invalidator_dead_letter_maxlen: int = option(
+        10_000, "the dead-letter stream is trimmed to ~this many entries", lo=10, hi=10_000_000
+    )
     invalidator_retry_backoff_ms: int = option(500, "pause after a failed Redis call", lo=1)
     invalidator_stats_interval_s: float = option(
         5.0, "how often group lag/pending are sampled", lo=0.1

@@ -186,7 +186,7 @@ async def test_poison_event_is_dead_lettered_after_n_deliveries_and_group_keeps_
     assert consumer.stats.failed == 3, "dead-lettered after its third failed attempt, not before"
     # Fixed the data: re-driving the dead letter now applies it.
     await redis.delete(keys.tag(Tag.product("poison")))
-    assert await redrive(redis, keys, [letter.id], maxlen=1000) == 1
+    assert (await redrive(redis, keys, [letter.id], maxlen=1000)).redriven == 1
     await eventually(lambda: drained(redis, keys), what="re-driven event acked")
     assert await list_dead_letters(redis, keys) == []
     assert consumer.stats.dead_lettered == 1

@@ -1,15 +1,16 @@
 """Hostile entries against a consumer on a real Redis: each is dead-lettered alone with its
 reason, its valid neighbours are applied, the loops survive; an entry delivered many times is
-still attempted."""
+still attempted; the dead-letter stream stays bounded in length and in entry size."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
 
-from invalidator.deadletter import list_dead_letters
+from invalidator.deadletter import TRUNCATED, list_dead_letters
+from invalidator.events import MAX_ENTRY_BYTES
 from invalidator.publisher import Publisher
 from service.cache.store import CacheStore
 from service.keys import Keys, Tag
@@ -106,6 +107,37 @@ async def test_an_entry_delivered_many_times_is_attempted_and_applied(
     assert await list_dead_letters(redis, keys) == []
     assert await exists(redis, keys.product("1")) == [False]
     assert (consumer.stats.processed, consumer.stats.dead_lettered) == (1, 0)
+
+
+async def test_dead_letter_stream_is_trimmed_and_each_letter_bounded(
+    consumers: Consumers, publisher: Publisher, redis: Redis, keys: Keys
+) -> None:
+    flood, maxlen = 2000, 100
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(flood):
+            pipe.xadd(keys.stream, hostile(type="product.exploded", event_id=f"x{i}"))
+        pipe.xadd(
+            keys.stream, hostile(blob="x" * 1_000_000, **{f"f{i}": "y" * 1000 for i in range(10)})
+        )
+        await pipe.execute()
+    consumer = consumers.start(
+        "c", invalidator_dead_letter_maxlen=maxlen, invalidator_batch_size=500
+    )
+    await eventually(lambda: drained(redis, keys), what="flood acked")
+
+    assert consumer.stats.dead_lettered == flood + 1
+    node = cast(dict[str, str], await redis.config_get("stream-node-max-entries"))
+    # MAXLEN ~ trims whole stream nodes: at most one node's worth over the setting.
+    node_entries = int(node["stream-node-max-entries"])
+    assert await redis.xlen(keys.dead_letter_stream) <= maxlen + node_entries
+    newest = cast(
+        list[tuple[bytes, dict[bytes, bytes]]],
+        await redis.xrevrange(keys.dead_letter_stream, count=1),
+    )
+    letter = {k.decode(): v.decode() for k, v in newest[0][1].items()}
+    assert "(max 8192)" in letter["dlq_reason"]
+    assert letter[TRUNCATED] == "1 fields cut, 3 dropped"  # blob cut, what did not fit dropped
+    assert sum(len(k) + len(v) for k, v in newest[0][1].items()) <= MAX_ENTRY_BYTES + 1024
 
 
 async def _gone(redis: Redis, *names: str) -> bool:
