@@ -145,22 +145,33 @@ async def redrive_all(redis: Redis, keys: Keys, *, maxlen: int, page: int = 100)
     """Re-drive every dead letter that exists now, ``page`` at a time (bounded memory). Letters
     added meanwhile (a still-poison event dead-lettered again) are not re-driven a second time."""
     out = Redriven()
-    newest = cast(list[Any], await redis.xrevrange(keys.dead_letter_stream, count=1))
-    if not newest:
-        return out
-    last, start = _text(newest[0][0]), "-"
-    while True:
+    last = await _newest_id(redis, keys, page)
+    start = "-"
+    while last is not None:
         batch = cast(
-            list[Any],
-            await redis.xrange(keys.dead_letter_stream, min=start, max=last, count=page),
+            list[Any], await redis.xrange(keys.dead_letter_stream, min=start, max=last, count=page)
         )
         for entry_id, raw in batch:
-            await _redrive_one(
-                redis, keys, DeadLetter(_text(entry_id), "", _decoded(raw)), maxlen, out
-            )
+            letter = DeadLetter(_text(entry_id), "", _decoded(raw))
+            await _redrive_one(redis, keys, letter, maxlen, out)
         if len(batch) < page:
-            return out
+            break
         start = "(" + _text(batch[-1][0])
+    return out
+
+
+async def _newest_id(redis: Redis, keys: Keys, page: int) -> str | None:
+    """Id of the newest dead letter, by paging XRANGE (the invalidator's ACL user has XRANGE,
+    not XREVRANGE or XINFO STREAM)."""
+    newest, start = None, "-"
+    while True:
+        batch = cast(
+            list[Any], await redis.xrange(keys.dead_letter_stream, min=start, count=page * 10)
+        )
+        if not batch:
+            return newest
+        newest = _text(batch[-1][0])
+        start = "(" + newest
 
 
 async def _redrive_one(
