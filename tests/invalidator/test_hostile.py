@@ -9,6 +9,7 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
+from invalidator import consumer as consumer_module
 from invalidator.deadletter import TRUNCATED, list_dead_letters
 from invalidator.events import MAX_ENTRY_BYTES
 from invalidator.publisher import Publisher
@@ -79,6 +80,36 @@ async def test_each_hostile_entry_is_dead_lettered_alone_and_valid_neighbours_ar
     await eventually(lambda: _gone(redis, keys.product("after")), what="event after the batch")
     (_, task, _) = consumers.running[0]
     assert not task.done()
+
+
+async def test_an_unexpected_error_while_parsing_costs_that_entry_only(
+    monkeypatch: pytest.MonkeyPatch,
+    store: CacheStore,
+    consumers: Consumers,
+    publisher: Publisher,
+    redis: Redis,
+    keys: Keys,
+) -> None:
+    """A parser bug (any exception, not only ParseError) dead-letters the entry that hit it."""
+    from invalidator.events import parse as real
+
+    def buggy(fields: Any) -> Any:
+        if fields and fields.get(b"product_id") == b"boom":
+            raise RuntimeError("parser bug\non two lines")
+        return real(fields)
+
+    monkeypatch.setattr(consumer_module, "parse", buggy)
+    for pid in ("before", "after"):
+        await fill(store, keys.product(pid), [Tag.product(pid)])
+    await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    for pid in ("before", "boom", "after"):
+        await publisher.publish_product_updated(pid)
+    consumer = consumers.start("c")
+    await eventually(lambda: drained(redis, keys), what="every entry acked")
+    (letter,) = await list_dead_letters(redis, keys)
+    assert letter.reason == "could not be parsed: RuntimeError: parser bug on two lines"
+    assert await exists(redis, keys.product("before"), keys.product("after")) == [False, False]
+    assert (consumer.stats.processed, consumer.stats.dead_lettered) == (2, 1)
 
 
 @pytest.mark.parametrize("holder", ["c", "dead-consumer"])
