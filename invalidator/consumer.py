@@ -289,9 +289,9 @@ class Consumer:
                 reason = f"invalidation failed on delivery {n} (max {limit}): {error}"
                 dead.append((entry_id, raw[entry_id], reason))
         await self._ack(done, dead)
-        now_ms = time.time() * 1000
+        now_ms, applied = time.time() * 1000, set(done)
         for entry_id, event in good:
-            if entry_id in done:
+            if entry_id in applied:  # a set: a list made this quadratic in the batch size
                 metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 

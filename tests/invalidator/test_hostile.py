@@ -16,7 +16,7 @@ from invalidator.publisher import Publisher
 from service.cache.store import CacheStore
 from service.keys import Keys, Tag
 from tests.helpers import eventually
-from tests.invalidator.conftest import Consumers, exists, fill, group_info
+from tests.invalidator.conftest import Consumers, counted, exists, fill, group_info
 
 BASE = {"schema": "1", "type": "product.updated", "event_id": "e", "occurred_at": "1"}
 
@@ -65,8 +65,8 @@ async def test_each_hostile_entry_is_dead_lettered_alone_and_valid_neighbours_ar
     await publisher.publish_product_updated(valid[-1])
 
     consumer = consumers.start("c")
-    await eventually(lambda: drained(redis, keys), what="every entry acked")
-
+    await eventually(counted(consumer, total=len(valid) + len(HOSTILE)), what="all acked")
+    assert await drained(redis, keys)
     assert await exists(redis, *(keys.product(pid) for pid in valid)) == [False] * len(valid)
     letters = await list_dead_letters(redis, keys)
     assert len(letters) == len(HOSTILE)
@@ -105,7 +105,8 @@ async def test_an_unexpected_error_while_parsing_costs_that_entry_only(
     for pid in ("before", "boom", "after"):
         await publisher.publish_product_updated(pid)
     consumer = consumers.start("c")
-    await eventually(lambda: drained(redis, keys), what="every entry acked")
+    await eventually(counted(consumer, total=3), what="every entry acked")
+    assert await drained(redis, keys)
     (letter,) = await list_dead_letters(redis, keys)
     assert letter.reason == "could not be parsed: RuntimeError: parser bug on two lines"
     assert await exists(redis, keys.product("before"), keys.product("after")) == [False, False]
@@ -134,7 +135,8 @@ async def test_an_entry_delivered_many_times_is_attempted_and_applied(
     assert row["times_delivered"] == 11
 
     consumer = consumers.start("c", invalidator_max_deliveries=3)
-    await eventually(lambda: drained(redis, keys), what="entry acked")
+    await eventually(counted(consumer, total=1), what="entry acked")
+    assert await drained(redis, keys)
     assert await list_dead_letters(redis, keys) == []
     assert await exists(redis, keys.product("1")) == [False]
     assert (consumer.stats.processed, consumer.stats.dead_lettered) == (1, 0)
@@ -154,7 +156,8 @@ async def test_dead_letter_stream_is_trimmed_and_each_letter_bounded(
     consumer = consumers.start(
         "c", invalidator_dead_letter_maxlen=maxlen, invalidator_batch_size=500
     )
-    await eventually(lambda: drained(redis, keys), what="flood acked")
+    await eventually(counted(consumer, total=flood + 1), what="flood acked")
+    assert await drained(redis, keys)
 
     assert consumer.stats.dead_lettered == flood + 1
     node = cast(dict[str, str], await redis.config_get("stream-node-max-entries"))
