@@ -62,7 +62,9 @@ async def test_each_hostile_entry_is_dead_lettered_alone_and_valid_neighbours_ar
     for pid, (_, fields, _) in zip(valid, HOSTILE, strict=False):
         await publisher.publish_product_updated(pid)
         await redis.xadd(keys.stream, fields)
-    await publisher.publish_product_updated(valid[-1])
+    # The last valid one comes from a newer publisher: extra fields, one not even UTF-8.
+    newer: dict[Any, Any] = {**BASE, "product_id": valid[-1], "trace": b"\xff", "x": "y"}
+    await redis.xadd(keys.stream, newer)
 
     consumer = consumers.start("c")
     await eventually(counted(consumer, total=len(valid) + len(HOSTILE)), what="all acked")
