@@ -4,6 +4,9 @@ Pure functions, no I/O. Invariants:
 
 * :func:`parse` accepts exactly what docs/events.md documents and raises :class:`ParseError` with a
   human-readable reason for anything else; the reason goes to the dead-letter stream verbatim.
+  Every field is bounded before it is used: the whole entry by size and field count, integers by
+  digit count and range (before ``int()``), ids and ``event_id`` by length and characters. Unknown
+  extra fields are tolerated inside those bounds and never decoded.
 * :func:`tags_for` is total over parsed events: every event of a known type maps to at least one
   tag, and applying the same tags twice deletes nothing more (invalidation is idempotent, so no
   de-duplication by ``event_id`` is needed for it).
@@ -45,6 +48,15 @@ ID_FIELDS: Final = (
     "previous_brand_id",
 )
 MAX_ID_LENGTH: Final = 128
+MAX_EVENT_ID_LENGTH: Final = 128
+# A whole entry (field names plus values, in bytes) and its number of fields, extra ones included.
+MAX_ENTRY_BYTES: Final = 8192
+MAX_FIELDS: Final = 32
+# occurred_at: up to 9999-12-31T23:59:59.999Z. version: up to 2**53 - 1, because the cache's Lua
+# scripts compare versions as doubles (a larger one could compare equal to its neighbour).
+MAX_OCCURRED_AT_MS: Final = 253_402_300_799_999
+MAX_VERSION: Final = 2**53 - 1
+_NOT_IN_IDS: Final = frozenset("{}")
 
 # A stream entry's fields as redis-py returns them (bytes) or as a publisher builds them (str).
 RawFields = Mapping[Any, bytes | str]
@@ -131,24 +143,57 @@ def _text(raw: RawFields, name: str) -> str:
     return value
 
 
-def _int(raw: RawFields, name: str, *, required: bool) -> int:
+def _int(raw: RawFields, name: str, *, required: bool, hi: int) -> int:
+    """A decimal integer in 0..hi, its digit count checked before ``int()`` ever sees it."""
     text = _text(raw, name)
     if not text:
         if required:
             raise ParseError(f"missing field {name!r}")
         return 0
-    if not text.isascii() or not text.isdigit():
-        raise ParseError(f"field {name!r} must be a non-negative integer, got {text[:40]!r}")
-    return int(text)
+    if len(text) > len(str(hi)) or not text.isascii() or not text.isdigit():
+        raise ParseError(
+            f"field {name!r} must be a non-negative integer of at most {len(str(hi))} digits, "
+            f"got {text[:40]!r}" + ("..." if len(text) > 40 else "")
+        )
+    value = int(text)
+    if value > hi:
+        raise ParseError(f"field {name!r} is {value}, over its maximum {hi}")
+    return value
+
+
+def _size(value: Any) -> int:
+    """Bytes of one field name or value (anything else counts as its text form)."""
+    if isinstance(value, bytes):
+        return len(value)
+    return len(str(value).encode(errors="replace"))
+
+
+def _check_size(raw: RawFields) -> None:
+    if len(raw) > MAX_FIELDS:
+        raise ParseError(f"entry has {len(raw)} fields (max {MAX_FIELDS})")
+    size = sum(_size(k) + _size(v) for k, v in raw.items())
+    if size > MAX_ENTRY_BYTES:
+        raise ParseError(f"entry is {size} bytes (max {MAX_ENTRY_BYTES})")
+
+
+def _valid_id(value: str) -> bool:
+    """At most :data:`MAX_ID_LENGTH` printable characters, no whitespace and no braces (a brace
+    would change the key's Redis Cluster hash tag). The service's own ids are stricter."""
+    return (
+        len(value) <= MAX_ID_LENGTH
+        and value.isprintable()
+        and not any(c.isspace() or c in _NOT_IN_IDS for c in value)
+    )
 
 
 def parse(raw: RawFields | None) -> Event:
     """The event in a stream entry's fields, or :class:`ParseError` naming what is wrong."""
     if not raw:
         raise ParseError("entry has no fields (deleted or trimmed from the stream?)")
+    _check_size(raw)
     schema = _text(raw, "schema")
     if schema != SCHEMA:
-        raise ParseError(f"unsupported schema {schema!r} (expected {SCHEMA!r})")
+        raise ParseError(f"unsupported schema {schema[:40]!r} (expected {SCHEMA!r})")
     kind = _text(raw, "type")
     if not kind:
         raise ParseError("missing field 'type'")
@@ -157,18 +202,31 @@ def parse(raw: RawFields | None) -> Event:
     event_id = _text(raw, "event_id")
     if not event_id:
         raise ParseError("missing field 'event_id'")
+    if len(event_id) > MAX_EVENT_ID_LENGTH or not event_id.isprintable():
+        raise ParseError(
+            f"field 'event_id' must be at most {MAX_EVENT_ID_LENGTH} printable characters, "
+            f"got {event_id[:40]!r}"
+        )
     ids = {name: _text(raw, name) for name in ID_FIELDS}
     for name in REQUIRED[kind]:
         if not ids[name]:
             raise ParseError(f"{kind} requires field {name!r}")
     for name, value in ids.items():
-        if len(value) > MAX_ID_LENGTH or any(c in value for c in "{} \n\r\t"):
+        if not _valid_id(value):
             raise ParseError(f"field {name!r} is not a valid id: {value[:40]!r}")
+    if kind == PRODUCT_UPDATED:
+        # A move names both ends: voiding only the old list would leave the new one stale.
+        for new, old in (
+            ("category_id", "previous_category_id"),
+            ("brand_id", "previous_brand_id"),
+        ):
+            if ids[old] and not ids[new]:
+                raise ParseError(f"{kind} with {old!r} requires field {new!r} (where it moved to)")
     return Event(
         type=kind,
         event_id=event_id,
-        occurred_at_ms=_int(raw, "occurred_at", required=True),
-        version=_int(raw, "version", required=False),
+        occurred_at_ms=_int(raw, "occurred_at", required=True, hi=MAX_OCCURRED_AT_MS),
+        version=_int(raw, "version", required=False, hi=MAX_VERSION),
         **ids,
     )
 
@@ -180,12 +238,10 @@ def tags_for(event: Event) -> set[Tag]:
         tags = {Tag.product(event.product_id)}
         if event.previous_category_id and event.previous_category_id != event.category_id:
             tags.add(Tag.list_category(event.previous_category_id))
-            if event.category_id:
-                tags.add(Tag.list_category(event.category_id))
+            tags.add(Tag.list_category(event.category_id))
         if event.previous_brand_id and event.previous_brand_id != event.brand_id:
             tags.add(Tag.list_brand(event.previous_brand_id))
-            if event.brand_id:
-                tags.add(Tag.list_brand(event.brand_id))
+            tags.add(Tag.list_brand(event.brand_id))
         return tags
     if kind in (PRODUCT_CREATED, PRODUCT_DELETED):
         return {

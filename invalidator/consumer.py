@@ -8,8 +8,12 @@ Invariants (docs/events.md explains them for operators):
 * While a batch is in progress its entries are re-claimed by this consumer every ``min_idle / 3``
   (XCLAIM JUSTID resets the idle time without counting a delivery), so a slow batch of a live
   consumer is never taken over; only a dead or stalled consumer's entries go idle.
-* An entry delivered more than ``max_deliveries`` times, a malformed entry and an unknown type go
-  to the dead-letter stream and are acked: nothing blocks the group.
+* Each entry is judged alone: a malformed entry, an unknown type, or any exception while parsing
+  it goes to the dead-letter stream at once, with its reason, and never takes a neighbour along.
+  A valid entry is always attempted, however often it was delivered; one whose invalidation
+  fails is left pending and dead-lettered only when it fails on its ``max_deliveries``-th
+  delivery. Connection errors and timeouts are nobody's fault: they ack nothing and count
+  against no entry. Nothing blocks the group, and no entry's data can end the loops.
 * The consumer leaves the group (XGROUP DELCONSUMER, which drops pending entries) only after
   checking it holds none; otherwise it stays registered and others reclaim its entries.
 * The blocking read runs on its own connection whose socket timeout exceeds BLOCK; stopping
@@ -28,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.cache.store import CacheStore
 from core.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
@@ -40,6 +46,15 @@ from invalidator.settings import InvalidatorSettings
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, RawFields | None]
+Letter = tuple[bytes, RawFields | None, str]
+# Failures of the connection, not of an entry: they propagate, and nothing is acked.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError)
+
+
+def _describe(exc: Exception) -> str:
+    """A bounded, one-line description of an exception (it may go to a dead letter)."""
+    detail = " ".join(str(exc).split())[:200]
+    return type(exc).__name__ + (f": {detail}" if detail else "")
 
 
 @dataclass(slots=True)
@@ -169,6 +184,11 @@ class Consumer:
                 await self._recreate_group()
             except RedisError as exc:
                 await self._failed_call("read/process", exc)
+            except Exception:
+                # A bug, not data (entries are judged one by one): keep consuming; the batch
+                # stays pending and is retried.
+                log.exception("consumer loop error")
+                await self._failed_call("read/process", None)
 
     async def _recreate_group(self) -> None:
         try:
@@ -209,6 +229,9 @@ class Consumer:
                 await self.reclaim_once()
             except RedisError as exc:
                 await self._failed_call("reclaim", exc)
+            except Exception:
+                log.exception("reclaim loop error")
+                await self._failed_call("reclaim", None)
 
     async def reclaim_once(self) -> int:
         """One XAUTOCLAIM pass over the whole pending list (cursor followed to 0-0)."""
@@ -241,26 +264,34 @@ class Consumer:
     # -- one batch ---------------------------------------------------------------------------
 
     async def process(self, entries: Sequence[Entry], deliveries: Mapping[bytes, int] = {}) -> None:
-        """Invalidate the batch's tags in one call, then dead-letter and ack in one MULTI."""
+        """Judge each entry alone, invalidate the valid ones' tags in one call, then dead-letter
+        and ack in one MULTI. ``deliveries``: delivery counts (1 when absent: a first read)."""
         started = time.perf_counter()
-        limit = self.settings.invalidator_max_deliveries
         good: list[tuple[bytes, Event]] = []
-        dead: list[tuple[bytes, RawFields | None, str]] = []
+        dead: list[Letter] = []
         for entry_id, fields in entries:
-            n = deliveries.get(entry_id, 1)
-            if n > limit:
-                dead.append((entry_id, fields, f"delivered {n} times (max {limit})"))
-                continue
             try:
-                good.append((entry_id, parse(fields)))
+                event = parse(fields)
+                invalidation_for([event])  # a mapping error is this entry's, not the batch's
             except ParseError as exc:
                 dead.append((entry_id, fields, exc.reason))
+            except Exception as exc:
+                dead.append((entry_id, fields, "could not be parsed: " + _describe(exc)))
+            else:
+                good.append((entry_id, event))
         async with self._holding([entry_id for entry_id, _ in entries]):
-            done = await self._invalidate_events(good)
+            done, failed = await self._invalidate_events(good)
+        limit = self.settings.invalidator_max_deliveries
+        raw = dict(entries)
+        for entry_id, error in failed:
+            n = deliveries.get(entry_id, 1)
+            if n >= limit:
+                reason = f"invalidation failed on delivery {n} (max {limit}): {error}"
+                dead.append((entry_id, raw[entry_id], reason))
         await self._ack(done, dead)
-        now_ms = time.time() * 1000
+        now_ms, applied = time.time() * 1000, set(done)
         for entry_id, event in good:
-            if entry_id in done:
+            if entry_id in applied:  # a set: a list made this quadratic in the batch size
                 metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
@@ -270,31 +301,35 @@ class Consumer:
         metrics.KEYS_DELETED.inc(n)
         return n
 
-    async def _invalidate_events(self, good: Sequence[tuple[bytes, Event]]) -> list[bytes]:
-        """Ids whose tags are gone. One call for the batch; if Redis refuses it (a script error
-        caused by some entry's data), each event alone, so one poison entry stays pending and
-        the others are acked. Connection errors propagate: nothing is acked."""
+    async def _invalidate_events(
+        self, good: Sequence[tuple[bytes, Event]]
+    ) -> tuple[list[bytes], list[tuple[bytes, str]]]:
+        """(ids whose tags are gone, (id, error) of those that failed). One call for the batch;
+        if it fails for a reason other than the connection (a script error caused by some
+        entry's data), each event alone, so only the poison entry fails. Connection errors and
+        timeouts propagate: nothing is acked."""
         if not good:
-            return []
+            return [], []
         try:
             await self.invalidate(invalidation_for(event for _, event in good))
-            return [entry_id for entry_id, _ in good]
-        except ResponseError as exc:
+            return [entry_id for entry_id, _ in good], []
+        except TRANSIENT:
+            raise
+        except Exception as exc:
             if len(good) == 1:
-                self._count_failed(good[0][0], exc)
-                return []
-        done = []
+                return [], [self._count_failed(good[0][0], exc)]
+        done, failed = [], []
         for entry_id, event in good:
             try:
                 await self.invalidate(invalidation_for([event]))
                 done.append(entry_id)
-            except ResponseError as exc:
-                self._count_failed(entry_id, exc)
-        return done
+            except TRANSIENT:
+                raise
+            except Exception as exc:
+                failed.append(self._count_failed(entry_id, exc))
+        return done, failed
 
-    async def _ack(
-        self, done: Sequence[bytes], dead: Sequence[tuple[bytes, RawFields | None, str]]
-    ) -> None:
+    async def _ack(self, done: Sequence[bytes], dead: Sequence[Letter]) -> None:
         ids = [*done, *(entry_id for entry_id, _, _ in dead)]
         if not ids:
             return
@@ -303,7 +338,12 @@ class Consumer:
                 letter = dead_letter_fields(
                     fields, reason=reason, entry_id=entry_id, consumer=self.name
                 )
-                pipe.xadd(self.keys.dead_letter_stream, letter)  # type: ignore[arg-type]
+                pipe.xadd(
+                    self.keys.dead_letter_stream,
+                    letter,  # type: ignore[arg-type]
+                    maxlen=self.settings.invalidator_dead_letter_maxlen,
+                    approximate=True,
+                )
             pipe.xack(self.keys.stream, self.keys.group, *ids)
             await pipe.execute()
         for entry_id, _, reason in dead:
@@ -353,15 +393,18 @@ class Consumer:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _count_failed(self, entry_id: bytes, exc: Exception) -> None:
-        log.error("invalidation of %s failed, left pending: %s", entry_id.decode(), exc)
+    def _count_failed(self, entry_id: bytes, exc: Exception) -> tuple[bytes, str]:
+        error = _describe(exc)
+        log.error("invalidation of %s failed: %s", entry_id.decode(), error)
         self.stats.failed += 1
         metrics.FAILED.inc()
+        return entry_id, error
 
-    async def _failed_call(self, what: str, exc: RedisError) -> None:
+    async def _failed_call(self, what: str, exc: RedisError | None) -> None:
         self.stats.errors += 1
-        metrics.REDIS_ERRORS.inc()
-        log.warning("%s failed: %s", what, exc)
+        if exc is not None:
+            metrics.REDIS_ERRORS.inc()
+            log.warning("%s failed: %s", what, exc)
         await self._wait_stop(self.settings.invalidator_retry_backoff_ms / 1000)
 
     async def _wait_stop(self, seconds: float) -> bool:

@@ -47,7 +47,13 @@ class InvalidatorSettings:
     invalidator_claim_interval_ms: int = option(5000, "pause between reclaim passes", lo=1)
     invalidator_claim_count: int = option(100, "entries per XAUTOCLAIM call", lo=1, hi=10_000)
     invalidator_max_deliveries: int = option(
-        5, "deliveries after which an entry is dead-lettered", lo=1, hi=1000
+        5,
+        "an entry whose invalidation fails on this delivery (or a later one) is dead-lettered",
+        lo=1,
+        hi=1000,
+    )
+    invalidator_dead_letter_maxlen: int = option(
+        10_000, "the dead-letter stream is trimmed to ~this many entries", lo=10, hi=10_000_000
     )
     invalidator_retry_backoff_ms: int = option(500, "pause after a failed Redis call", lo=1)
     invalidator_stats_interval_s: float = option(

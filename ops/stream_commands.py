@@ -18,7 +18,13 @@ from redis.asyncio import Redis
 from core.events import EVENT_TYPES, ID_FIELDS, ParseError, new_event
 from core.publisher import Publisher
 from core.settings import Settings
-from invalidator.deadletter import list_dead_letters, redrive
+from invalidator.deadletter import (
+    Redriven,
+    is_entry_id,
+    list_dead_letters,
+    redrive,
+    redrive_all,
+)
 from invalidator.settings import InvalidatorSettings
 
 T = TypeVar("T")
@@ -65,6 +71,9 @@ def _dlq(base: Settings, args: argparse.Namespace) -> int:
     settings = InvalidatorSettings.from_env()
     keys = settings.keys(base)
     if args.dlq_action == "list":
+        if not 1 <= args.count <= 10_000 or (args.start != "-" and not is_entry_id(args.start)):
+            print("catalog dlq list: --count is 1-10000, --start an entry id", file=sys.stderr)
+            return 2
         letters = _with_redis(
             base,
             settings,
@@ -76,14 +85,22 @@ def _dlq(base: Settings, args: argparse.Namespace) -> int:
     if not args.ids and not args.all:
         print("catalog dlq redrive: give entry ids or --all", file=sys.stderr)
         return 2
+    if bad := [i for i in args.ids if not is_entry_id(i)]:
+        print(f"catalog dlq redrive: not a stream entry id: {bad[0][:40]!r}", file=sys.stderr)
+        return 2
+    maxlen = settings.event_stream_maxlen
 
-    async def go(redis: Redis) -> int:
-        ids = list(args.ids)
+    async def go(redis: Redis) -> Redriven:
         if args.all:
-            ids = [d.id for d in await list_dead_letters(redis, keys, count=1_000_000)]
-        return await redrive(redis, keys, ids, maxlen=settings.event_stream_maxlen)
+            return await redrive_all(redis, keys, maxlen=maxlen)
+        return await redrive(redis, keys, args.ids, maxlen=maxlen)
 
-    print(f"re-drove {_with_redis(base, settings, go)} entries to {keys.stream}")
+    done = _with_redis(base, settings, go)
+    print(f"re-drove {done.redriven} entries to {keys.stream}")
+    if done.missing:
+        print(f"{done.missing} ids were not in {keys.dead_letter_stream}")
+    for entry_id in done.empty:
+        print(f"{entry_id} left in place: it holds no original fields to re-drive")
     return 0
 
 

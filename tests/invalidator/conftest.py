@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -129,3 +129,14 @@ async def group_info(redis: Redis, keys: Keys) -> dict[str, Any]:
             if group["name"].decode() == keys.group:
                 return dict(group)
     return {"pending": -1, "lag": -1}
+
+
+def counted(*consumers: Consumer, total: int) -> Callable[[], Awaitable[bool]]:
+    """A check for :func:`tests.helpers.eventually`: the consumers counted ``total`` entries as
+    processed or dead-lettered. Polling the group alone races: XINFO on another connection can
+    show an entry acked before its consumer's coroutine has resumed to count it."""
+
+    async def check() -> bool:
+        return sum(c.stats.processed + c.stats.dead_lettered for c in consumers) >= total
+
+    return check

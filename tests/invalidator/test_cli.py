@@ -9,10 +9,13 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from core.keys import Keys
+from core.cache.store import CacheStore
+from core.keys import Keys, Tag
 from core.settings import Settings
+from invalidator.deadletter import list_dead_letters
 from invalidator.settings import InvalidatorSettings
-from tests.invalidator.conftest import entries
+from tests.helpers import eventually
+from tests.invalidator.conftest import Consumers, entries, exists, fill
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,3 +71,44 @@ def test_bad_setting_exits_2_naming_the_variable(settings: Settings) -> None:
     assert done.returncode == 2
     assert "CATALOG_INVALIDATOR_BATCH_SIZE must be int" in done.stderr
     assert InvalidatorSettings.from_env({}).read_timeout_s > 5.0
+
+
+async def test_redrive_of_poison_and_empty_letters_crashes_nothing(
+    settings: Settings,
+    store: CacheStore,
+    consumers: Consumers,
+    redis: Redis,
+    keys: Keys,
+) -> None:
+    await fill(store, keys.product("1"), [Tag.product("1")])
+    consumer = consumers.start("c")
+    base = {"schema": "1", "type": "product.updated", "event_id": "e", "product_id": "1"}
+    poison = {**base, "occurred_at": "9" * 400, "dlq_reason": "field 'occurred_at' ..."}
+    empty = {"dlq_reason": "trimmed from the stream before processing", "dlq_entry_id": "1-1"}
+    fixed = {**base, "occurred_at": "1", "dlq_reason": "invalidation failed on delivery 5"}
+    for letter in (poison, empty, fixed):
+        await redis.xadd(keys.dead_letter_stream, letter)  # type: ignore[arg-type]
+
+    done = cli(settings, "dlq", "redrive", "--all")
+    assert done.returncode == 0, done.stderr
+    assert "re-drove 2 entries" in done.stdout
+    assert "left in place: it holds no original fields" in done.stdout
+
+    async def settled() -> bool:
+        return (
+            await exists(redis, keys.product("1")) == [False] and consumer.stats.dead_lettered == 1
+        )
+
+    await eventually(settled, what="fixed event applied, poison dead-lettered again")
+    letters = await list_dead_letters(redis, keys)
+    assert [d.reason for d in letters] == [
+        empty["dlq_reason"],
+        "field 'occurred_at' must be a non-negative integer of at most 15 digits, got "
+        f"{'9' * 40!r}...",
+    ]
+    (_, task, _) = consumers.running[0]
+    assert not task.done()
+
+    refused = cli(settings, "dlq", "redrive", "1-0", "DROP")
+    assert refused.returncode == 2
+    assert "not a stream entry id: 'DROP'" in refused.stderr

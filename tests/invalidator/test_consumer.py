@@ -27,7 +27,7 @@ from invalidator.deadletter import list_dead_letters, redrive
 from invalidator.settings import InvalidatorSettings
 from invalidator.worker import redis_clients
 from tests.helpers import eventually
-from tests.invalidator.conftest import Consumers, exists, fill, group_info
+from tests.invalidator.conftest import Consumers, counted, exists, fill, group_info
 
 
 async def drained(redis: Redis, keys: Keys) -> bool:
@@ -132,7 +132,8 @@ async def test_batch_is_one_invalidation_and_all_acked(
     await fill(store, keys.product("keep"), [Tag.product("keep")])
     await publisher.publish_many(new_event(PRODUCT_UPDATED, product_id=str(i)) for i in range(300))
     consumer = consumers.start("c", invalidator_batch_size=300)
-    await eventually(lambda: drained(redis, keys), what="batch acked")
+    await eventually(counted(consumer, total=300), what="batch acked")
+    assert await drained(redis, keys)
     assert consumer.stats.processed == 300
     assert not any(await exists(redis, *(keys.product(str(i)) for i in range(300))))
     assert await exists(redis, keys.product("keep")) == [True]
@@ -151,7 +152,8 @@ async def test_malformed_and_unknown_entries_are_dead_lettered_at_once(
         await redis.xadd(keys.stream, fields)  # type: ignore[arg-type]
     await publisher.publish_product_updated("1")
     consumer = consumers.start("c", invalidator_max_deliveries=1)
-    await eventually(lambda: drained(redis, keys), what="entries acked")
+    await eventually(counted(consumer, total=5), what="entries acked")
+    assert await drained(redis, keys)
     letters = await list_dead_letters(redis, keys)
     assert [d.original for d in letters] == bad
     assert [d.reason for d in letters] == [
@@ -181,12 +183,12 @@ async def test_poison_event_is_dead_lettered_after_n_deliveries_and_group_keeps_
     await eventually(lambda: _gone(redis, keys.product("c")), what="c invalidated")
     await eventually(lambda: drained(redis, keys), what="poison dead-lettered")
     (letter,) = await list_dead_letters(redis, keys)
-    assert letter.reason == "delivered 4 times (max 3)"
+    assert letter.reason.startswith("invalidation failed on delivery 3 (max 3): ResponseError")
     assert letter.original["product_id"] == "poison"
-    assert consumer.stats.failed == 3
+    assert consumer.stats.failed == 3, "dead-lettered after its third failed attempt, not before"
     # Fixed the data: re-driving the dead letter now applies it.
     await redis.delete(keys.tag(Tag.product("poison")))
-    assert await redrive(redis, keys, [letter.id], maxlen=1000) == 1
+    assert (await redrive(redis, keys, [letter.id], maxlen=1000)).redriven == 1
     await eventually(lambda: drained(redis, keys), what="re-driven event acked")
     assert await list_dead_letters(redis, keys) == []
     assert consumer.stats.dead_lettered == 1
@@ -255,7 +257,8 @@ async def test_slow_batch_in_progress_is_not_reclaimed(
     assert [(r["consumer"], r["times_delivered"]) for r in rows] == [(b"slow", 1)] * 10
     assert other.stats.reclaimed == 0
     GatedConsumer.gate.set()
-    await eventually(lambda: drained(redis, keys), what="slow batch acked")
+    await eventually(counted(slow, other, total=10), what="slow batch acked")
+    assert await drained(redis, keys)
     assert (slow.stats.processed, other.stats.processed) == (10, 0)
 
 
@@ -268,7 +271,8 @@ async def test_restarted_consumer_first_drains_its_own_pending_entries(
     # A previous life of "stable-name" read the entry and died before acking it.
     await redis.xreadgroup(keys.group, "stable-name", {keys.stream: ">"})
     consumer = consumers.start("stable-name", invalidator_claim_min_idle_ms=600_000)
-    await eventually(lambda: drained(redis, keys), what="own pending drained")
+    await eventually(counted(consumer, total=1), what="own pending drained")
+    assert await drained(redis, keys)
     assert (consumer.stats.processed, consumer.stats.reclaimed) == (1, 0)
     assert await exists(redis, keys.product("1")) == [False]
 

@@ -84,12 +84,69 @@ def test_fields_round_trip() -> None:
         (fields(type=PRODUCT_UPDATED, product_id="a{b}"), "not a valid id"),
         (fields(type=PRODUCT_UPDATED, product_id="x" * 200), "not a valid id"),
         ({b"schema": b"1", b"type": b"\xff"}, "not UTF-8"),
+        # Hostile numbers: bounded by digit count before int(), then by range.
+        (
+            {**fields(type=PRODUCT_UPDATED, product_id="1"), "occurred_at": "9" * 400},
+            "'occurred_at' must be a non-negative integer of at most 15 digits",
+        ),
+        (
+            {**fields(type=PRODUCT_UPDATED, product_id="1"), "occurred_at": "9" * 5000},
+            "at most 15 digits",
+        ),
+        (
+            {**fields(type=PRODUCT_UPDATED, product_id="1"), "occurred_at": "999999999999999"},
+            "over its maximum 253402300799999",
+        ),
+        ({**fields(type=PRODUCT_UPDATED, product_id="1"), "occurred_at": "-1"}, "non-negative"),
+        ({**fields(type=PRODUCT_UPDATED, product_id="1"), "occurred_at": "١٢"}, "non-negative"),
+        (fields(type=PRODUCT_UPDATED, product_id="1", version="9" * 17), "at most 16 digits"),
+        (
+            fields(type=PRODUCT_UPDATED, product_id="1", version=str(2**53)),
+            "over its maximum 9007199254740991",
+        ),
+        # Hostile strings: bounded by length and characters.
+        ({**fields(type=PRODUCT_UPDATED, product_id="1"), "event_id": "e" * 129}, "'event_id'"),
+        ({**fields(type=PRODUCT_UPDATED, product_id="1"), "event_id": "a\nb"}, "'event_id'"),
+        (fields(type=PRODUCT_UPDATED, product_id="a\x00b"), "not a valid id"),
+        (fields(type=BRAND_UPDATED, brand_id="b\u2028"), "not a valid id"),
+        # The whole entry: size and field count, extra fields included.
+        (fields(type=PRODUCT_UPDATED, product_id="1", blob="x" * 1_000_000), "(max 8192)"),
+        (
+            fields(type=PRODUCT_UPDATED, product_id="1", **{f"x{i}": "" for i in range(28)}),
+            "entry has 33 fields (max 32)",
+        ),
+        # A move names both ends (item: a half move voided only the old list pages).
+        (
+            fields(type=PRODUCT_UPDATED, product_id="1", previous_category_id="c1"),
+            "product.updated with 'previous_category_id' requires field 'category_id'",
+        ),
+        (
+            fields(type=PRODUCT_UPDATED, product_id="1", category_id="c", previous_brand_id="b"),
+            "product.updated with 'previous_brand_id' requires field 'brand_id'",
+        ),
     ],
 )
 def test_malformed_entries_raise_parse_error_with_reason(raw: Any, reason: str) -> None:
     with pytest.raises(ParseError) as caught:
         parse(raw)
     assert reason in caught.value.reason
+
+
+def test_extra_fields_within_the_limits_are_tolerated_even_when_not_utf8() -> None:
+    raw = {k.encode(): v.encode() for k, v in fields(type=PRODUCT_UPDATED, product_id="7").items()}
+    raw.update({b"trace_id": b"\xff\xfe", b"\xc3(": b"newer publisher", b"tenant": b"x" * 4000})
+    assert parse(raw).product_id == "7"
+
+
+def test_the_largest_values_in_range_parse() -> None:
+    raw = fields(
+        type=PRODUCT_UPDATED,
+        product_id="p" * 128,
+        version=str(2**53 - 1),
+        event_id="e" * 128,
+    )
+    event = parse({**raw, "occurred_at": "253402300799999"})
+    assert (event.version, event.occurred_at_ms) == (2**53 - 1, 253402300799999)
 
 
 def test_new_event_validates_like_parse() -> None:

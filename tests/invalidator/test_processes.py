@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -161,3 +162,36 @@ async def test_sigterm_with_pending_work_finishes_and_leaves_cleanly(
     # What it did not read is still there for the next consumer: nothing was lost.
     processes.start("second")
     await eventually(lambda: drained(redis, keys, total), timeout=60, what="rest consumed")
+
+
+async def test_process_survives_hostile_entries_and_applies_the_valid_ones(
+    processes: Processes, store: CacheStore, publisher: Publisher, redis: Redis, keys: Keys
+) -> None:
+    """What once killed the process on every start: an occurred_at of 400 nines (overflow in the
+    lag metric) and of 5000 digits (int() refuses it), beside non-UTF-8 and a 1 MB entry."""
+    base = {"schema": "1", "type": PRODUCT_UPDATED, "event_id": "e", "product_id": "h"}
+    hostile: list[dict[Any, Any]] = [
+        {**base, "occurred_at": "9" * 400},
+        {**base, "occurred_at": "9" * 5000},
+        {**base, "occurred_at": "1", "product_id": b"\xff"},
+        {**base, "occurred_at": "1", "blob": "x" * 1_000_000},
+    ]
+    for pid in ("before", "after"):
+        await fill(store, keys.product(pid), [Tag.product(pid)])
+    await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    for fields in hostile:
+        await redis.xadd(keys.stream, fields)
+    await publisher.publish(new_event(PRODUCT_UPDATED, product_id="before"))
+    proc = processes.start("tough")
+
+    async def dead_lettered() -> bool:
+        assert proc.poll() is None, "the invalidator exited"
+        return int(await redis.xlen(keys.dead_letter_stream)) == len(hostile)
+
+    await eventually(dead_lettered, timeout=60, what="hostile entries dead-lettered")
+    await eventually(lambda: drained(redis, keys, len(hostile) + 1), what="all acked")
+    assert await exists(redis, keys.product("before")) == [False]
+    await publisher.publish(new_event(PRODUCT_UPDATED, product_id="after"))
+    await eventually(lambda: drained(redis, keys, len(hostile) + 2), what="later event acked")
+    assert await exists(redis, keys.product("after")) == [False]
+    assert proc.poll() is None
