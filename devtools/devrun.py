@@ -29,6 +29,7 @@ from sqlalchemy.engine import URL, make_url
 
 from core.settings import Settings, SettingsError, redact_url
 from devtools.localservers import PostgresCluster, RedisProcess
+from ops.call import local_target
 
 # The processes of a development stack, started in this order and stopped in reverse.
 CHILDREN: list[tuple[str, list[str]]] = [
@@ -222,21 +223,34 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
+def _shell_path(path: Path) -> str:
+    """``path`` as short as a shell in the current directory can use it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
 def _usage(target: str, settings: Settings) -> str:
     metrics = (
         f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
     )
+    call = _shell_path(Path(sys.executable).with_name("catalog")) + " call"
+    if target != local_target(Settings().grpc_address):
+        call += f" --target {target}"
     return f"""
 catalog is serving on {target}
   PostgreSQL: {settings.database_url_safe}
   Redis:      {redact_url(settings.redis_url)}
   metrics:    {metrics}
 
-Call it with grpcurl:
-  grpcurl -plaintext {target} list
+Call it from the shell (JSON in and out; add --help for TLS and metadata options):
+  {call}
+  {call} GetProduct '{{"id": "p0000001"}}'
+  {call} ListProducts '{{"page_size": 5}}'
+  {call} grpc.health.v1.Health/Check
+
+or with grpcurl, if installed:
   grpcurl -plaintext -d '{{"id":"p0000001"}}' {target} catalog.v1.CatalogService/GetProduct
-  grpcurl -plaintext -d '{{"page_size":5}}' {target} catalog.v1.CatalogService/ListProducts
-  grpcurl -plaintext {target} grpc.health.v1.Health/Check
 
 or from Python (.venv/bin/python):
   import grpc
