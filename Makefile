@@ -87,6 +87,11 @@ proto-lint:
 		echo "buf breaking: nothing breaks callers of $$(git rev-parse --short "$$base")"; \
 	fi
 
+# The stubs-only distribution for callers (api/pyproject.toml): dist/catalog_api-*.whl.
+api-package: install
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist ./api
+	@ls dist/catalog_api-*.whl
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -131,5 +136,6 @@ clean:
 		$(BIN)/python -c 'from pathlib import Path; from devtools.localservers import PostgresCluster as C; C(Path(".run/postgres")).stop()'; \
 	fi
 	rm -rf $(VENV) .run .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
+		api/build api/*.egg-info \
 		.coverage .coverage.* htmlcov
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
