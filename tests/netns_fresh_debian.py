@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
+from core.db import libpq_url
 from devtools.localservers import PostgresCluster, postgres_dir, postgres_refusal, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,12 +50,16 @@ def packaged_cluster(workdir: Path) -> PostgresCluster:
     """A cluster on 127.0.0.1:5432 configured like Debian's: scram-sha-256 on TCP, the postgres
     role with a password nobody told us."""
     cluster = PostgresCluster(workdir, port=5432).start()
-    psql = [str(cluster.bindir / "psql"), "-h", "127.0.0.1", "-p", "5432", "-U", "postgres"]
-    cluster._run([*psql, "-c", f"ALTER ROLE postgres PASSWORD '{PASSWORD}'"])
     (cluster.datadir / "pg_hba.conf").write_text(
         "host all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
     )
-    cluster._run([str(cluster.bindir / "pg_ctl"), "reload", "-D", str(cluster.datadir)])
+    with psycopg.connect(libpq_url(LOCAL), autocommit=True) as conn:  # trusted until the reload
+        conn.execute(f"ALTER ROLE postgres PASSWORD '{PASSWORD}'")
+        conn.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 30
+    while postgres_refusal(LOCAL) is None:  # the postmaster reloads when it gets to the signal
+        assert time.monotonic() < deadline, "pg_hba.conf was not reloaded"
+        time.sleep(0.05)
     return cluster
 
 
@@ -87,10 +94,12 @@ def run_make_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_make_test() -> dict[str, Any]:
+def run_make_test(basetemp: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEST_", "CATALOG_"))}
+    # A basetemp of its own: pytest would otherwise prune other sessions' numbered directories.
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+         str(basetemp), *TESTS],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     return {"exit": done.returncode, "out": done.stdout + done.stderr}
@@ -106,7 +115,7 @@ def main() -> None:
             result["refusal"] = postgres_refusal(LOCAL)
             started = time.monotonic()
             result["make_run"] = run_make_run(scratch / "run")
-            result["make_test"] = run_make_test()
+            result["make_test"] = run_make_test(scratch / "pytest")
             result["seconds"] = round(time.monotonic() - started, 1)
         finally:
             cluster.stop("immediate")
