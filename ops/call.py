@@ -102,7 +102,7 @@ def run(default_address: str, args: argparse.Namespace) -> int:
         print(f"catalog call: {exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:
-        print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"{exc.code().name}: {exc.details() or ''}", file=sys.stderr)
         return 1
     print(response)
     return 0
