@@ -12,6 +12,10 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compos
 PYTEST_ARGS ?=
 
 PROTO := protos/catalog/v1/catalog.proto
+# buf (lint and breaking-change checks of the proto) from the npm registry, into .tools/.
+BUF_VERSION := 1.75.0
+BUF_DIR := .tools/buf-$(BUF_VERSION)
+BUF := $(BUF_DIR)/node_modules/.bin/buf
 STUBS := catalog_pb2.py catalog_pb2.pyi catalog_pb2_grpc.py catalog_pb2_grpc.pyi
 # protoc-gen-mypy and protoc-gen-mypy_grpc must be on PATH.
 PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
@@ -20,11 +24,11 @@ PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I pr
 PROTO_VERSION_LINES := -I 'Protobuf Python Version:' -I '^GRPC_GENERATED_VERSION = ' \
 	-I '^    [0-9][0-9]*,$$'
 
-.PHONY: help install proto proto-check lint format test run bench bench-quick lock secrets up down \
-	compose-check clean
+.PHONY: help install proto proto-check proto-lint api-package lint format test run bench \
+	bench-quick lock secrets up down compose-check clean
 
 help:
-	@echo "targets: install proto proto-check lint format test run bench bench-quick lock secrets up down compose-check clean"
+	@echo "targets: install proto proto-check proto-lint api-package lint format test run bench bench-quick lock secrets up down compose-check clean"
 
 install: $(STAMP)
 
@@ -53,12 +57,49 @@ proto-check: install
 	fi; \
 	echo "catalog/v1 stubs match $(PROTO)"
 
+# `buf lint`, then `buf breaking` against the base: BUF_AGAINST if set (a git ref); on a branch,
+# where it forked from main; on main itself its first parent, HEAD~1. CI runs in a fresh clone
+# whose main is the commit under test, so there HEAD~1 is main before the submission when it
+# landed as a merge, else the previous commit. A base without buf.yaml predates the promise and
+# is not compared. Without npm this is skipped with a message, except in CI (CI set).
+proto-lint:
+	@if [ ! -x $(BUF) ]; then \
+		if ! command -v npm >/dev/null; then \
+			if [ -n "$${CI:-}" ]; then echo "proto-lint: npm is needed in CI" >&2; exit 1; fi; \
+			echo "proto-lint: npm not found: skipping buf lint and buf breaking (CI runs them)"; \
+			exit 0; \
+		fi; \
+		npm install --prefix $(BUF_DIR) --no-save --no-audit --no-fund --loglevel=error \
+			@bufbuild/buf@$(BUF_VERSION); \
+	fi; \
+	$(BUF) lint; echo "buf lint: ok"; \
+	if [ -n "$${BUF_AGAINST:-}" ]; then base=$$BUF_AGAINST; \
+	elif [ "$$(git rev-parse --abbrev-ref HEAD 2>/dev/null)" != main ] \
+			&& git rev-parse -q --verify main^{commit} >/dev/null; then base=$$(git merge-base HEAD main); \
+	else base=HEAD~1; fi; \
+	if ! git rev-parse -q --verify "$$base^{commit}" >/dev/null 2>&1; then \
+		echo "buf breaking: no commit $$base to compare with"; \
+	elif ! git cat-file -e "$$base:buf.yaml" 2>/dev/null; then \
+		echo "buf breaking: $$(git rev-parse --short "$$base") has no buf.yaml, nothing to compare with"; \
+	else \
+		tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+		git archive "$$base" buf.yaml protos | tar -x -C "$$tmp"; \
+		$(BUF) breaking --against "$$tmp"; \
+		echo "buf breaking: nothing breaks callers of $$(git rev-parse --short "$$base")"; \
+	fi
+
+# The stubs-only distribution for callers (api/pyproject.toml): dist/catalog_api-*.whl.
+api-package: install
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist ./api
+	@ls dist/catalog_api-*.whl
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	$(MAKE) --no-print-directory proto-check
+	$(MAKE) --no-print-directory proto-lint
 
 format: install
 	$(BIN)/ruff format .
@@ -107,6 +148,7 @@ clean:
 	-if [ -x $(BIN)/python ] && [ -d .run/postgres ]; then \
 		$(BIN)/python -c 'from pathlib import Path; from devtools.localservers import PostgresCluster as C; C(Path(".run/postgres")).stop()'; \
 	fi
-	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
+	rm -rf $(VENV) .run .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
+		api/build api/*.egg-info \
 		.coverage .coverage.* htmlcov
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -103,7 +103,7 @@ _PRODUCT, _CATEGORY, _BRAND = (
 )
 _PERCENT_OFF = literal_column("'percent_off'", Text)
 _ONE = literal_column("1", Integer)
-_KINDS = {"percent_off": pb.PriceRule.PERCENT_OFF, "amount_off": pb.PriceRule.AMOUNT_OFF}
+_KINDS = {"percent_off": pb.PriceRule.KIND_PERCENT_OFF, "amount_off": pb.PriceRule.KIND_AMOUNT_OFF}
 
 
 def _applicable_rules() -> ColumnElement[bool]:

@@ -149,6 +149,24 @@ class Settings:
     )  # fmt: skip
     shutdown_grace_s: float = option(10.0, "time in-flight RPCs get after SIGTERM", lo=0)
     shutdown_drain_s: float = option(0.0, "NOT_SERVING period before refusing RPCs", lo=0)
+    # Connection lifetime (service/keepalive.py): clients rebalance across replicas.
+    grpc_max_connection_age_ms: int = option(
+        300_000, "close connections this old (+-10%, GOAWAY): clients rebalance; 0: never",
+        lo=0, hi=2**31 - 1,
+    )  # fmt: skip
+    grpc_max_connection_age_grace_ms: int = option(
+        30_000, "RPCs still running on an aged connection get this long before it closes",
+        lo=0, hi=2**31 - 1,
+    )  # fmt: skip
+    grpc_keepalive_time_ms: int = option(
+        60_000, "ping a client after this long without activity", lo=1000, hi=2**31 - 1
+    )
+    grpc_keepalive_timeout_ms: int = option(
+        20_000, "close a connection whose ping is not answered within this", lo=100, hi=2**31 - 1
+    )
+    grpc_keepalive_permit_without_calls: bool = option(
+        True, "ping idle connections too, and accept clients' pings on them"
+    )
     workers: int = option(
         1, "server processes sharing the gRPC port (SO_REUSEPORT); only the first serves metrics",
         lo=1, hi=64,

@@ -1,7 +1,8 @@
 """``make run``: the whole catalog on one machine, for development.
 
-Uses the configured PostgreSQL and Redis when they answer; otherwise starts private ones under
-``.run/`` (the PostgreSQL cluster, and so its seeded data, is reused by the next run). Then it
+Uses the configured PostgreSQL and Redis when they let us in; when one does not answer or refuses
+us (a fresh Debian's PostgreSQL asks for a password), says so in one line and starts a private one
+under ``.run/`` (the PostgreSQL cluster, and so its seeded data, is reused by the next run). Then it
 migrates, seeds, starts every process of ``CHILDREN`` and warms the cache. Development secrets:
 a page-token key made for this run, and a write token made for it too unless
 ``CATALOG_WRITE_TOKENS`` (or its ``_FILE``) is set; the banner shows how to present it. It runs
@@ -18,7 +19,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +38,8 @@ from core.settings import (
     SettingsError,
     redact_url,
 )
-from devtools.localservers import PostgresCluster, RedisProcess
+from devtools.localservers import RedisProcess, answers, usable_postgres
+from ops.call import local_target
 
 # The processes of a development stack, started in this order and stopped in reverse.
 CHILDREN: list[tuple[str, list[str]]] = [
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(settings: Settings, run_dir: Path, products: int, cleanup: contextlib.ExitStack) -> int:
     """Start everything (registering its stop in ``cleanup`` first); return the exit code."""
     host, port = _grpc_target(settings.grpc_address)
-    if _answers(host, port):
+    if answers(host, port):
         log.error("something already listens on %s:%d (set CATALOG_GRPC_ADDRESS)", host, port)
         return 1
     settings = _ensure_postgres(settings, run_dir, cleanup)
@@ -132,7 +133,7 @@ def _run(settings: Settings, run_dir: Path, products: int, cleanup: contextlib.E
         log.info("started %s (pid %d)", name, children[-1][1].pid)
 
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while not _answers(host, port):
+    while not answers(host, port):
         if (code := _exit_code_of_dead(children)) is not None:
             return code
         if time.monotonic() > deadline:
@@ -158,21 +159,13 @@ def _dev_secrets(settings: Settings) -> tuple[Settings, str]:
 
 
 def _ensure_postgres(settings: Settings, run_dir: Path, cleanup: contextlib.ExitStack) -> Settings:
-    """Settings whose database exists on a PostgreSQL that answers (a private one if need be)."""
-    url = make_url(settings.database_url)
-    try:
-        _create_database_if_missing(url)
-        return settings
-    except psycopg.OperationalError as e:
-        if url.host and _answers(url.host, url.port or 5432):
-            raise SystemExit(f"PostgreSQL at {settings.database_url_safe} refused us: {e}") from e
-    log.info("no PostgreSQL at %s: starting one in %s", settings.database_url_safe, run_dir)
-    cluster = PostgresCluster(run_dir / "postgres")
-    cleanup.callback(cluster.stop)
-    cluster.start()
-    url = make_url(cluster.url).set(database=url.database or "catalog")
-    _create_database_if_missing(url)
-    return settings.replace(database_url=url.render_as_string(hide_password=False))
+    """Settings whose database exists on a PostgreSQL that lets us in (a private one if need be:
+    when nothing answers, or the server refuses us, as a fresh Debian's asks for a password)."""
+    url = cleanup.enter_context(
+        usable_postgres(settings.database_url, run_dir / "postgres", say=log.info)
+    )
+    _create_database_if_missing(make_url(url))
+    return settings.replace(database_url=url)
 
 
 def _create_database_if_missing(url: URL) -> None:
@@ -194,13 +187,13 @@ def _ensure_redis(settings: Settings, run_dir: Path, cleanup: contextlib.ExitSta
     try:
         client.ping()
         return settings
-    except redis.AuthenticationError as e:
-        raise SystemExit(f"Redis at {settings.redis_url_safe} refused us: {e}") from e
+    except (redis.AuthenticationError, redis.ResponseError) as e:  # NOAUTH, WRONGPASS
+        why = f"Redis at {settings.redis_url_safe} refused us ({e})"
     except (redis.ConnectionError, redis.TimeoutError):
-        pass
+        why = f"no Redis answers at {settings.redis_url_safe}"
     finally:
         client.close()
-    log.info("no Redis at %s: starting one in %s", settings.redis_url_safe, run_dir)
+    log.info("%s: starting a private one in %s", why, run_dir / "redis")
     # The eviction policy the service is designed for (see docker-compose.yml).
     server = RedisProcess(
         run_dir / "redis", None, "--maxmemory", "512mb", "--maxmemory-policy", "volatile-ttl"
@@ -243,12 +236,11 @@ def _grpc_target(address: str) -> tuple[str, int]:
     return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), int(port)
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
+def _shell_path(path: Path) -> str:
+    """``path`` as short as a shell in the current directory can use it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
 
 
 def _usage(target: str, settings: Settings, generated_token: str) -> str:
@@ -262,22 +254,27 @@ def _usage(target: str, settings: Settings, generated_token: str) -> str:
         )
     else:
         token, token_origin = "$TOKEN", "one of CATALOG_WRITE_TOKENS"
+    call = _shell_path(Path(sys.executable).with_name("catalog")) + " call"
+    if target != local_target(Settings().grpc_address):
+        call += f" --target {target}"
     return f"""
 catalog is serving on {target}
   PostgreSQL: {settings.database_url_safe}
   Redis:      {redact_url(settings.redis_url)}
   metrics:    {metrics}
 
-Call it with grpcurl:
-  grpcurl -plaintext {target} list
+Call it from the shell (JSON in and out; add --help for TLS and metadata options):
+  {call}
+  {call} GetProduct '{{"id": "p0000001"}}'
+  {call} ListProducts '{{"page_size": 5}}'
+  {call} grpc.health.v1.Health/Check
+
+or with grpcurl, if installed:
   grpcurl -plaintext -d '{{"id":"p0000001"}}' {target} catalog.v1.CatalogService/GetProduct
-  grpcurl -plaintext -d '{{"page_size":5}}' {target} catalog.v1.CatalogService/ListProducts
-  grpcurl -plaintext {target} grpc.health.v1.Health/Check
 
 Writes need a bearer token ({token_origin}):
-  grpcurl -plaintext -H "authorization: Bearer {token}" \\
-    -d '{{"product":{{"id":"p0000001","name":"Renamed"}},"update_mask":"name"}}' \\
-    {target} catalog.v1.CatalogService/UpdateProduct
+  {call} -H "authorization: Bearer {token}" UpdateProduct \\
+    '{{"product": {{"id": "p0000001", "name": "Renamed"}}, "update_mask": "name"}}'
 
 or from Python (.venv/bin/python):
   import grpc

@@ -1,7 +1,8 @@
 """Private Redis and PostgreSQL servers started from the local binaries.
 
 Used by the test suite (each run gets servers nobody else touches, so it may stop, kill or restart
-them) and by ``make run`` when no configured server answers. Nothing here is used in production.
+them) and by ``make run`` and ``make test`` when the configured server does not answer or refuses
+us (:func:`usable_postgres`). Nothing here is used in production.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
+
+import psycopg
+from sqlalchemy.engine import make_url
 
 
 def free_port() -> int:
@@ -276,6 +281,73 @@ class PostgresCluster:
                     f"{out.read().decode(errors='replace')}{log}"
                 )
         return done
+
+
+def postgres_refusal(url: str, timeout_s: float = 2.0) -> str | None:
+    """None when PostgreSQL at the SQLAlchemy ``url`` lets us into its ``postgres`` database;
+    else why not, in one line naming the password-free URL."""
+    u = make_url(url)
+    host, port = u.host or "127.0.0.1", u.port or 5432
+    conninfo = psycopg.conninfo.make_conninfo(
+        host=host, port=port, user=u.username or "postgres", password=u.password or None,
+        dbname="postgres", connect_timeout=max(1, round(timeout_s)),
+    )  # fmt: skip
+    try:
+        psycopg.connect(conninfo, autocommit=True).close()
+        return None
+    except psycopg.OperationalError as exc:
+        shown = u.render_as_string(hide_password=True)
+        if not answers(host, port):
+            return f"no PostgreSQL answers at {shown}"
+        # libpq's message: 'connection to server at "...", port N failed: FATAL:  password ...'
+        reason = " ".join(str(exc).split()).rpartition(" failed: ")[2]
+        return f"PostgreSQL at {shown} refused us ({reason[:200]})"
+
+
+@contextlib.contextmanager
+def postgres_dir(prefix: str = "catalog-pg-") -> Iterator[Path]:
+    """A new temporary directory the ``postgres`` user can reach (pytest's are 0700); removed
+    afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        if os.geteuid() == 0:
+            path.chmod(0o755)  # the server runs as postgres and must reach its data directory
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def usable_postgres(
+    url: str, workdir: Path | None = None, say: Callable[[str], None] = print
+) -> Iterator[str]:
+    """``url`` when its server lets us in; else, after one line to ``say``, the URL of the same
+    database name on a private cluster started in ``workdir`` (a temporary directory when None,
+    removed afterwards), which is stopped on exit. A fresh Debian's packaged cluster asks for a
+    password the ``postgres`` role does not have: this is how ``make run`` and ``make test`` still
+    work there without anyone editing ``pg_hba.conf``."""
+    why = postgres_refusal(url)
+    if why is None:
+        yield url
+        return
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(postgres_dir()) / "pg"
+        say(f"{why}: using a private PostgreSQL in {workdir}")
+        cluster = PostgresCluster(workdir)
+        stack.callback(cluster.stop)
+        cluster.start()
+        private = make_url(cluster.url).set(database=make_url(url).database or "postgres")
+        yield private.render_as_string(hide_password=False)
+
+
+def answers(host: str, port: int) -> bool:
+    """True when something accepts a TCP connection on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def _stat(pid: int) -> list[str]:

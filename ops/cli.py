@@ -97,7 +97,9 @@ def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = args.target or settings.grpc_address.replace("0.0.0.0:", "127.0.0.1:")
+    from ops.call import local_target
+
+    target = args.target or local_target(settings.grpc_address)
     with grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -109,6 +111,18 @@ def _healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _call_arguments(parser: argparse.ArgumentParser) -> None:
+    from ops.call import add_arguments
+
+    add_arguments(parser)
+
+
+def _call(settings: Settings, args: argparse.Namespace) -> int:
+    from ops.call import run
+
+    return run(settings.grpc_address, args)
 
 
 def _seed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +184,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("warm", "load popular products into the cache", _warm, _warm_arguments),
     Command(
         "healthcheck", "exit 0 if a server reports SERVING", _healthcheck, _healthcheck_arguments
+    ),
+    Command(
+        "call",
+        "call one method with a JSON request (server reflection); no method: list them",
+        _call,
+        _call_arguments,
     ),
     Command("migrate", "apply database migrations up to the newest revision", _migrate),
     Command("seed", "load deterministic demo data", _seed, _seed_arguments),

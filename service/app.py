@@ -35,6 +35,7 @@ from core.settings import Settings
 from core.tls import add_port, server_credentials
 from service.auth import WritePolicy
 from service.grpc_api import SERVICE_NAME, CatalogApi, generic_handler
+from service.keepalive import server_options
 from service.views import ViewCounter
 from service.writes import ProductWriter
 
@@ -123,6 +124,7 @@ async def start(
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # Off unless several workers share the port: two servers must not share it by chance.
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            *server_options(settings),  # keepalive, maximum connection age
         ],
     )
     server.add_generic_rpc_handlers((generic_handler(api, writers),))

@@ -1,15 +1,17 @@
 """Real servers for the test suite.
 
 Redis: a private ``redis-server`` per session (``TEST_REDIS_URL`` overrides). PostgreSQL: a fresh,
-uniquely named database on ``TEST_DATABASE_URL`` (default: the local server on 127.0.0.1:5432),
-migrated and seeded once, dropped at the end. Tests share those servers but never each other's
-data: every test gets its own Redis key namespace, so nothing is ever flushed.
+uniquely named database on ``TEST_DATABASE_URL`` (default: the local server on 127.0.0.1:5432, or a
+private cluster when that one does not answer or refuses us), migrated and seeded once, dropped at
+the end. Tests share those servers but never each other's data: every test gets its own Redis key
+namespace, so nothing is ever flushed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from core.settings import Settings
-from devtools.localservers import RedisProcess
+from devtools.localservers import RedisProcess, usable_postgres
 from tests.helpers import delete_namespace, make_settings, writer_channel
 
 SEED_PRODUCTS = 300
@@ -77,11 +79,32 @@ def drop_database(url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
 @pytest.fixture(scope="session")
-def pg_base_url() -> str:
-    return os.environ.get(
-        "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    )
+def pg_base_url(pytestconfig: pytest.Config) -> Iterator[str]:
+    """``TEST_DATABASE_URL``, else the local server, else (it does not answer or refuses us, as a
+    fresh Debian's does without a password) a private cluster for the session, said in one line."""
+    given = os.environ.get("TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    plugins = pytestconfig.pluginmanager
+
+    def say(line: str) -> None:  # on the terminal, past pytest's output capture
+        terminal, capture = (
+            plugins.get_plugin("terminalreporter"),
+            plugins.get_plugin("capturemanager"),
+        )
+        if terminal is None or capture is None:
+            print(line, file=sys.stderr)
+            return
+        with capture.global_and_fixture_disabled():
+            terminal.write_line(f"\n{line}")
+
+    with usable_postgres(LOCAL_POSTGRES, say=say) as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,17 +9,14 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from devtools.localservers import PostgresCluster
+from devtools.localservers import PostgresCluster, postgres_dir
 
 
 @pytest.fixture
 def cluster_dir() -> Iterator[Path]:
     """A directory the postgres user can reach when we run as root (pytest's tmp is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="catalog-pg-"))
-    if os.geteuid() == 0:
-        path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with postgres_dir() as path:
+        yield path
 
 
 def _select_one(url: str) -> int:

@@ -25,7 +25,7 @@ from tests.conftest import SEED_PRODUCTS
 
 NOW = datetime.now(UTC)
 DAY = timedelta(days=1)
-PercentOff = pb.PriceRule.PERCENT_OFF
+PercentOff = pb.PriceRule.KIND_PERCENT_OFF
 
 
 def _product(loaded: LoadedProduct) -> pb.Product:
@@ -268,7 +268,7 @@ async def test_amount_off_applies_only_to_products_in_its_currency(
     found = await repo.get_products([usd, eur])
     usd_product, eur_product = _product(found[usd]), _product(found[eur])
     assert usd_product.applied_rule.id == amount
-    assert usd_product.applied_rule.kind == pb.PriceRule.AMOUNT_OFF
+    assert usd_product.applied_rule.kind == pb.PriceRule.KIND_AMOUNT_OFF
     assert usd_product.final_price.amount_minor == 1499
     assert eur_product.applied_rule.id == fallback  # the USD rule is not even a candidate
     assert eur_product.final_price == pb.Money(currency_code="EUR", amount_minor=1799)

@@ -430,16 +430,21 @@ class PriceRule(_message.Message):
     class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PriceRule._Kind.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_UNSPECIFIED: PriceRule._Kind.ValueType  # 0
-        PERCENT_OFF: PriceRule._Kind.ValueType  # 1
+        KIND_PERCENT_OFF: PriceRule._Kind.ValueType  # 1
         """value is a discount in basis points (1500 = 15%)."""
-        AMOUNT_OFF: PriceRule._Kind.ValueType  # 2
+        KIND_AMOUNT_OFF: PriceRule._Kind.ValueType  # 2
         """value is a discount in minor units of the product's currency."""
 
-    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """Values carry the KIND_ prefix (buf's ENUM_VALUE_PREFIX): enum values share their parent's
+        scope in C++ and other languages. Renamed from PERCENT_OFF and AMOUNT_OFF before the first
+        release: the numbers, and so the binary wire format, are unchanged; JSON carries the new names.
+        """
+
     KIND_UNSPECIFIED: PriceRule.Kind.ValueType  # 0
-    PERCENT_OFF: PriceRule.Kind.ValueType  # 1
+    KIND_PERCENT_OFF: PriceRule.Kind.ValueType  # 1
     """value is a discount in basis points (1500 = 15%)."""
-    AMOUNT_OFF: PriceRule.Kind.ValueType  # 2
+    KIND_AMOUNT_OFF: PriceRule.Kind.ValueType  # 2
     """value is a discount in minor units of the product's currency."""
 
     ID_FIELD_NUMBER: _builtins.int

@@ -8,13 +8,10 @@ durations are the load lengths and fault lengths the issue prescribes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,7 +28,7 @@ from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.db import libpq_url
 from core.settings import Settings
-from devtools.localservers import PostgresCluster
+from devtools.localservers import PostgresCluster, postgres_dir
 from devtools.serverprocess import settings_env
 from service.app import Service, start
 from tests.conftest import SEED_PRODUCTS
@@ -47,18 +44,15 @@ def pg_cluster() -> Iterator[PostgresCluster]:
     from core.migrations import upgrade
     from ops.seed import seed_catalog
 
-    workdir = Path(tempfile.mkdtemp(prefix="catalog-fault-pg-"))
-    if os.geteuid() == 0:
-        workdir.chmod(0o755)  # the server runs as postgres and must reach its data directory
-    cluster = PostgresCluster(workdir / "pg")
-    try:
-        cluster.start()
-        upgrade(cluster.url)
-        seed_catalog(cluster.url, products=SEED_PRODUCTS, seed=42)
-        yield cluster
-    finally:
-        cluster.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with postgres_dir("catalog-fault-pg-") as workdir:
+        cluster = PostgresCluster(workdir / "pg")
+        try:
+            cluster.start()
+            upgrade(cluster.url)
+            seed_catalog(cluster.url, products=SEED_PRODUCTS, seed=42)
+            yield cluster
+        finally:
+            cluster.kill()
 
 
 async def start_service(settings: Settings, **overrides: Any) -> Service:
