@@ -13,6 +13,7 @@ Pure functions, no I/O. Invariants:
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -45,6 +46,9 @@ ID_FIELDS: Final = (
     "previous_brand_id",
 )
 MAX_ID_LENGTH: Final = 128
+# Optional W3C trace context of the write (docs/events.md): exactly this long, lower-case hex.
+TRACEPARENT: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+TRACEPARENT_LENGTH: Final = 55
 
 # A stream entry's fields as redis-py returns them (bytes) or as a publisher builds them (str).
 RawFields = Mapping[Any, bytes | str]
@@ -71,6 +75,7 @@ class Event:
     brand_id: str = ""
     previous_brand_id: str = ""
     version: int = 0
+    traceparent: str = ""
 
 
 def new_event(
@@ -84,6 +89,7 @@ def new_event(
     version: int = 0,
     event_id: str = "",
     occurred_at_ms: int = 0,
+    traceparent: str = "",
 ) -> Event:
     """An event with a fresh ``event_id`` and ``occurred_at`` = now, validated like a parse."""
     event = Event(
@@ -96,6 +102,7 @@ def new_event(
         brand_id=brand_id,
         previous_brand_id=previous_brand_id,
         version=version,
+        traceparent=traceparent,
     )
     return parse(to_fields(event))
 
@@ -114,6 +121,8 @@ def to_fields(event: Event) -> dict[str, str]:
             fields[name] = value
     if event.version:
         fields["version"] = str(event.version)
+    if event.traceparent:
+        fields["traceparent"] = event.traceparent
     return fields
 
 
@@ -169,8 +178,24 @@ def parse(raw: RawFields | None) -> Event:
         event_id=event_id,
         occurred_at_ms=_int(raw, "occurred_at", required=True),
         version=_int(raw, "version", required=False),
+        traceparent=_traceparent(raw),
         **ids,
     )
+
+
+def _traceparent(raw: RawFields) -> str:
+    """The optional ``traceparent``; a malformed one is dropped (the event is still applied:
+    tracing data never costs an invalidation). Its length is checked before anything else."""
+    value = raw.get("traceparent", raw.get(b"traceparent"))
+    if value is None or len(value) != TRACEPARENT_LENGTH:
+        return ""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    return text if valid_traceparent(text) else ""
+
+
+def valid_traceparent(text: str) -> bool:
+    """A W3C ``traceparent`` of version 00, as this service writes and reads it."""
+    return len(text) == TRACEPARENT_LENGTH and TRACEPARENT.fullmatch(text) is not None
 
 
 def tags_for(event: Event) -> set[Tag]:

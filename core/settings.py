@@ -56,7 +56,9 @@ class Settings:
     tls_cert_file: str = option("", "PEM certificate (chain) of the gRPC ports; empty = plaintext")
     tls_key_file: str = option("", "PEM private key of TLS_CERT_FILE")
     tls_client_ca_file: str = option("", "PEM CA; when set, client certificates are required")
-    metrics_port: int = option(9464, "Prometheus metrics HTTP port; 0 disables", lo=0, hi=65535)
+    metrics_port: int = option(
+        9464, "Prometheus metrics HTTP port (worker i: this + i); 0 disables", lo=0, hi=65535
+    )
     metrics_address: str = option("127.0.0.1", "address the metrics HTTP server binds")
     key_namespace: str = option("catalog", "prefix of every Redis key (several catalogs per Redis)")
     cache_enabled: bool = option(True, "false serves every read from PostgreSQL (baseline, debug)")
@@ -105,10 +107,11 @@ class Settings:
     shutdown_grace_s: float = option(10.0, "time in-flight RPCs get after SIGTERM", lo=0)
     shutdown_drain_s: float = option(0.0, "NOT_SERVING period before refusing RPCs", lo=0)
     workers: int = option(
-        1, "server processes sharing the gRPC port (SO_REUSEPORT); only the first serves metrics",
+        1, "server processes sharing the gRPC port (SO_REUSEPORT); each its own metrics port",
         lo=1, hi=64,
     )  # fmt: skip
-    log_level: str = option("INFO", "logging level")
+    log_level: str = option("INFO", "logging level (DEBUG adds the access log)")
+    log_format: str = option("text", "log lines: text, or json (one object per line)")
 
     def __post_init__(self) -> None:
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -146,6 +149,13 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}WORKERS > 1 needs a fixed port in {PREFIX}GRPC_ADDRESS, not port 0"
             )
+        if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
+            raise SettingsError(
+                f"{PREFIX}METRICS_PORT + {PREFIX}WORKERS - 1 must be <= 65535 "
+                "(worker i serves metrics on METRICS_PORT + i)"
+            )
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"{PREFIX}LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
                 f"{PREFIX}LOG_LEVEL must be DEBUG..CRITICAL, got {self.log_level!r}"
@@ -212,6 +222,13 @@ def load(cls: type[T], environ: Mapping[str, str] | None, overrides: Mapping[str
             values[f.name] = _parse(name, env[name], hints[f.name], f)
     values.update(overrides)
     return cls(**values)
+
+
+def otel_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The standard OpenTelemetry variables (``OTEL_*``), for :func:`core.tracing.configure`.
+    They keep their standard names; like every other variable they are read only here."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith("OTEL_")}
 
 
 def describe(cls: type[Any] = Settings) -> list[tuple[str, str, str]]:

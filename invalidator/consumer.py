@@ -30,6 +30,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from core import tracing
 from core.cache.store import CacheStore
 from core.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
 from core.keys import Keys
@@ -255,9 +256,11 @@ class Consumer:
                 good.append((entry_id, parse(fields)))
             except ParseError as exc:
                 dead.append((entry_id, fields, exc.reason))
-        async with self._holding([entry_id for entry_id, _ in entries]):
-            done = await self._invalidate_events(good)
-        await self._ack(done, dead)
+        # Events carrying a write's trace continue it in a CONSUMER span (none with tracing off).
+        with tracing.continued("catalog.invalidate", [e.traceparent for _, e in good]):
+            async with self._holding([entry_id for entry_id, _ in entries]):
+                done = await self._invalidate_events(good)
+            await self._ack(done, dead)
         now_ms = time.time() * 1000
         for entry_id, event in good:
             if entry_id in done:

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
+from core import tracing
 from core.cache.breaker import CircuitBreaker
 from core.cache.loader import REDIS_FAILURES, Loader
 from core.errors import Aborted, InvalidArgument, NotFound
@@ -110,7 +111,8 @@ class ProductWriter:
 
     async def update(self, change: Change) -> bytes:
         """Apply ``change``; return the product as stored after the commit."""
-        await self._commit(change)
+        with tracing.span("catalog.update.commit", product_id=change.product_id):
+            await self._commit(change)
         return await self._write_through(change.product_id)
 
     async def _commit(self, change: Change) -> None:
@@ -149,6 +151,7 @@ class ProductWriter:
                     brand_id=new.brand_id,
                     previous_brand_id=old.brand_id if old.brand_id != new.brand_id else "",
                     version=new.version,
+                    traceparent=tracing.traceparent(),  # "" unless tracing is on
                 )
                 await add_to_outbox(conn, event)
         except IntegrityError as exc:

@@ -10,6 +10,7 @@ from grpc import aio
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.settings import Settings, SettingsError
+from devtools.serverprocess import scrape
 from tests.processes import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -19,12 +20,20 @@ async def test_two_workers_serve_one_port_and_stop_on_sigterm(settings: Settings
     server = ServerProcess(settings.replace(workers=2)).start()
     try:
         assert len(server.pids) == 3, "the parent and two workers"
-        for _ in range(5):  # a fresh channel per call: connections land on either worker
+        calls = 20
+        for _ in range(calls):  # a fresh channel per call: connections land on either worker
             async with aio.insecure_channel(server.target) as channel:
                 stub = catalog_pb2_grpc.CatalogServiceStub(channel)
                 reply = await stub.GetProduct(pb.GetProductRequest(id="p0000001"))
                 assert reply.id == "p0000001"
-        assert server.metric("catalog_cache_requests_total", op="get") >= 0
+        # Each worker exports its own counters on its own port; together they saw every call.
+        ok = {"grpc_method": "GetProduct", "grpc_code": "OK"}
+        per_worker = [
+            scrape(port, "grpc_server_handled_total", **ok) for port in server.metrics_ports
+        ]
+        assert len(per_worker) == 2
+        assert sum(per_worker) == calls
+        assert server.metric("catalog_cache_requests_total", op="get") == calls
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
     finally:
