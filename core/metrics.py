@@ -16,6 +16,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, start_http_server
 
+from core.settings import SettingsError
+
 log = logging.getLogger(__name__)
 
 CACHE_REQUESTS = Counter(
@@ -105,5 +107,13 @@ def start_metrics_server(port: int, address: str) -> None:
     if port == 0:
         log.info("metrics endpoint disabled (port 0)")
         return
-    start_http_server(port, addr=address)
+    try:
+        start_http_server(port, addr=address)
+    except OSError as exc:
+        # A worker's port is the base + its index: it can meet another process's port (the
+        # invalidator's 9465 beside `--workers 2` on 9464, say). Say so instead of a traceback.
+        raise SettingsError(
+            f"cannot serve metrics on {address}:{port} ({exc.strerror or exc}); with --workers N "
+            "the service uses CATALOG_METRICS_PORT .. CATALOG_METRICS_PORT + N - 1"
+        ) from None
     log.info("metrics on http://%s:%d/metrics", address, port)

@@ -124,12 +124,15 @@ def enabled() -> bool:
 
 
 def _active() -> bool:
-    return _tracer is not None and trace.get_current_span().get_span_context().is_valid
+    """Is there a current span that records? Child spans are made only then: under a span the
+    sampler dropped they would be dropped too, after costing their creation."""
+    return _tracer is not None and trace.get_current_span().is_recording()
 
 
 def traceparent() -> str:
-    """The current span as a W3C ``traceparent``, or "" (tracing off, or no span)."""
-    if not _active():
+    """The current span as a W3C ``traceparent``, or "" (tracing off, or no span). An unsampled
+    span is passed on too (flags 00), so downstream keeps the sampling decision."""
+    if _tracer is None or not trace.get_current_span().get_span_context().is_valid:
         return ""
     carrier: dict[str, str] = {}
     _propagator.inject(carrier)

@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any
 
 from core import entrypoint
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ def serve(settings: Settings, workers: int | None = None) -> int:
 def _worker(run: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings) -> int:
     try:
         asyncio.run(run(settings))
+    except SettingsError as exc:  # e.g. its metrics port is taken: one line, not a traceback
+        log.error("worker %d: configuration error: %s", os.getpid(), exc)
+        return 2
     except BaseException:
         log.exception("worker %d failed", os.getpid())
         return 1
