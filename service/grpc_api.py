@@ -135,6 +135,7 @@ def _unary(method: str, fn: Callable[[Any], Awaitable[bytes]], calls: CallLimit)
         stats.started += 1
         if calls.active >= calls.limit:
             stats.done(grpc.StatusCode.RESOURCE_EXHAUSTED, perf_counter() - start)
+            tracing.note_status(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "RESOURCE_EXHAUSTED")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, REFUSED_DETAILS)
         calls.active += 1
         remaining = context.time_remaining()
@@ -146,6 +147,7 @@ def _unary(method: str, fn: Callable[[Any], Awaitable[bytes]], calls: CallLimit)
             late = remaining is not None and took >= remaining
             code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
             stats.done(code, took)
+            tracing.note_status(code.value[0], code.name)
             if access is not None:
                 access(full_name, context, code, took)
             raise

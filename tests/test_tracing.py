@@ -198,3 +198,20 @@ def test_a_malformed_traceparent_in_an_entry_is_dropped_not_the_event(value: str
     event = parse(fields)
     assert event.product_id == "p1" and event.traceparent == ""
     assert parse({**fields, "traceparent": INCOMING}).traceparent == INCOMING
+
+
+async def test_server_span_records_the_status_code(
+    spans: InMemorySpanExporter, settings: Settings, redis_client: Redis
+) -> None:
+    svc = await start(settings.replace(grpc_address="127.0.0.1:0"))
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            with pytest.raises(aio.AioRpcError):
+                await stub.GetProduct(pb.GetProductRequest(id="p9999999"))
+    finally:
+        await svc.stop(grace=0)
+    (server,) = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert server.attributes is not None and server.attributes["rpc.grpc.status_code"] == 5
+    assert server.status.status_code.name == "UNSET", "NOT_FOUND is not a server error"
+    assert server.parent is None, "no incoming traceparent: a new trace"
