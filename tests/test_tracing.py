@@ -215,3 +215,17 @@ async def test_server_span_records_the_status_code(
     assert server.attributes is not None and server.attributes["rpc.grpc.status_code"] == 5
     assert server.status.status_code.name == "UNSET", "NOT_FOUND is not a server error"
     assert server.parent is None, "no incoming traceparent: a new trace"
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"OTEL_TRACES_EXPORTER": "console"}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}],
+)
+def test_configure_turns_tracing_on_and_shutdown_off(environ: dict[str, str]) -> None:
+    try:
+        assert tracing.configure(environ, "catalog-test")
+        assert tracing.enabled()
+    finally:
+        tracing.shutdown()
+    assert not tracing.enabled()
+    assert not tracing.configure({}, "catalog-test") and not tracing.enabled()
