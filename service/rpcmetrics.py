@@ -14,8 +14,9 @@ wraps whatever handlers they register).
 
 The in-flight limit (``CATALOG_MAX_CONCURRENT_RPCS``) is enforced here, by :class:`CallLimit`,
 rather than by gRPC's ``maximum_concurrent_rpcs``: gRPC refuses an excess call inside its Cython
-server loop without running any handler, so no code of ours could tell a refused call from one
-about to run, and refusals would go uncounted.
+server loop after the method lookup (an interceptor still sees the call) but without running any
+handler or telling anyone, so a refused call cannot be told from one about to run and refusals
+would go uncounted.
 
 Hot path: the per-method :class:`MethodStats` is bound when the handler is built; a call adds
 two integers and one histogram observation. Counters are plain ints on the event loop's thread,
