@@ -180,7 +180,7 @@ def _counted(kind: str, service: str, method: str, behaviour: Any, calls: CallLi
         calls.active -= 1
         if exc is None:
             code = ok
-        elif isinstance(exc, asyncio.CancelledError):
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the client went away
             code = grpc.StatusCode.CANCELLED
         elif isinstance(exc, aio.AbortError):
             code = status_of_abort(context)
