@@ -1,19 +1,20 @@
 """The exit-status contract shared by every command (``catalog ...``, ``python -m service``,
 ``python -m invalidator``).
 
-:func:`run` builds :class:`Settings` once from the environment, configures logging and calls the
-command with them. A configuration error (also one found later, such as an unreadable TLS file or a
-bad invalidator setting) exits 2 with a one-line message; PostgreSQL being unreachable exits 1 with
-a message naming the password-free URL; a bug still shows its traceback.
+:func:`run` builds :class:`Settings` once from the environment, configures logging (text or JSON
+lines, :mod:`core.logs`) and calls the command with them. A configuration error (also one found
+later, such as an unreadable TLS file or a bad invalidator setting) exits 2 with a one-line
+message; PostgreSQL being unreachable exits 1 with a message naming the password-free URL; a bug
+still shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
+from core import logs
 from core.db import is_connection_error
 from core.settings import Settings, SettingsError
 
@@ -25,9 +26,7 @@ def run(prog: str, command: Callable[[Settings], int]) -> int:
     except SettingsError as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         return command(settings)
     except SettingsError as exc:

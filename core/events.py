@@ -16,6 +16,7 @@ Pure functions, no I/O. Invariants:
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,9 @@ MAX_FIELDS: Final = 32
 MAX_OCCURRED_AT_MS: Final = 253_402_300_799_999
 MAX_VERSION: Final = 2**53 - 1
 _NOT_IN_IDS: Final = frozenset("{}")
+# Optional W3C trace context of the write (docs/events.md): exactly this long, lower-case hex.
+TRACEPARENT: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+TRACEPARENT_LENGTH: Final = 55
 
 # A stream entry's fields as redis-py returns them (bytes) or as a publisher builds them (str).
 RawFields = Mapping[Any, bytes | str]
@@ -83,6 +87,7 @@ class Event:
     brand_id: str = ""
     previous_brand_id: str = ""
     version: int = 0
+    traceparent: str = ""
 
 
 def new_event(
@@ -96,6 +101,7 @@ def new_event(
     version: int = 0,
     event_id: str = "",
     occurred_at_ms: int = 0,
+    traceparent: str = "",
 ) -> Event:
     """An event with a fresh ``event_id`` and ``occurred_at`` = now, validated like a parse."""
     event = Event(
@@ -108,6 +114,7 @@ def new_event(
         brand_id=brand_id,
         previous_brand_id=previous_brand_id,
         version=version,
+        traceparent=traceparent,
     )
     return parse(to_fields(event))
 
@@ -126,6 +133,8 @@ def to_fields(event: Event) -> dict[str, str]:
             fields[name] = value
     if event.version:
         fields["version"] = str(event.version)
+    if event.traceparent:
+        fields["traceparent"] = event.traceparent
     return fields
 
 
@@ -227,8 +236,24 @@ def parse(raw: RawFields | None) -> Event:
         event_id=event_id,
         occurred_at_ms=_int(raw, "occurred_at", required=True, hi=MAX_OCCURRED_AT_MS),
         version=_int(raw, "version", required=False, hi=MAX_VERSION),
+        traceparent=_traceparent(raw),
         **ids,
     )
+
+
+def _traceparent(raw: RawFields) -> str:
+    """The optional ``traceparent``; a malformed one is dropped (the event is still applied:
+    tracing data never costs an invalidation). Its length is checked before anything else."""
+    value = raw.get("traceparent", raw.get(b"traceparent"))
+    if value is None or len(value) != TRACEPARENT_LENGTH:
+        return ""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    return text if valid_traceparent(text) else ""
+
+
+def valid_traceparent(text: str) -> bool:
+    """A W3C ``traceparent`` of version 00, as this service writes and reads it."""
+    return len(text) == TRACEPARENT_LENGTH and TRACEPARENT.fullmatch(text) is not None
 
 
 def tags_for(event: Event) -> set[Tag]:

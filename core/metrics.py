@@ -1,11 +1,22 @@
-"""Prometheus metrics of the service. Children with fixed labels are bound once here so the hot
-path pays one ``inc()``, not a label lookup."""
+"""Prometheus metrics shared by both processes. Children with fixed labels are bound once here so
+the hot path pays one ``inc()``, not a label lookup.
+
+The RPC (RED) metrics are the server's (:mod:`service.rpcmetrics`). Saturation gauges are read at
+scrape time from the objects that know them (:func:`watch_pools`, :func:`watch_breaker`), so they
+cost nothing per call; the event-loop lag is sampled by :func:`sample_loop_lag`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, start_http_server
+
+from core.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +42,72 @@ AUTH_REFUSED = Counter(
     "Write calls refused by authorization, by method and reason",
     ["method", "reason"],
 )
-RPC_LATENCY = Histogram(
-    "catalog_rpc_duration_seconds",
-    "Server-side RPC latency by method and status code",
-    ["method", "code"],
-    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+DB_POOL = Gauge(
+    "catalog_db_pool_connections",
+    "PostgreSQL pool connections: in_use, idle, max (pool size + overflow)",
+    ["state"],
 )
+REDIS_POOL = Gauge(
+    "catalog_redis_pool_connections", "Redis pool connections: in_use, idle, max", ["state"]
+)
+BREAKER_STATE = Gauge(
+    "catalog_breaker_state", "Redis circuit breaker: 0 closed, 1 open (reads skip Redis)"
+)
+LOOP_LAG = Gauge(
+    "catalog_event_loop_lag_seconds",
+    "How late the event loop ran a timer at the last sample (every LOOP_LAG_INTERVAL_S)",
+)
+LOOP_LAG_INTERVAL_S = 0.5
+
+
+def _guarded(read: Callable[[], float]) -> Callable[[], float]:
+    """A scrape-time reader that reports NaN instead of failing the whole scrape."""
+
+    def value() -> float:
+        try:
+            return float(read())
+        except Exception:
+            return float("nan")
+
+    return value
+
+
+def watch_pools(engine: Any | None = None, redis: Any | None = None) -> None:
+    """Point the pool gauges at ``engine`` (SQLAlchemy AsyncEngine) and ``redis`` (its pool).
+
+    Read from the scrape thread; the reads are of sizes only (no locks, no I/O)."""
+    if engine is not None:
+        pool = engine.pool
+        overflow = getattr(pool, "_max_overflow", 0)
+        DB_POOL.labels("in_use").set_function(_guarded(pool.checkedout))
+        DB_POOL.labels("idle").set_function(_guarded(pool.checkedin))
+        DB_POOL.labels("max").set_function(_guarded(lambda: pool.size() + max(overflow, 0)))
+    if redis is not None:
+        rpool = redis.connection_pool
+        # redis-py keeps these as private lists/sets; their sizes are all that is read.
+        REDIS_POOL.labels("in_use").set_function(_guarded(lambda: len(rpool._in_use_connections)))
+        REDIS_POOL.labels("idle").set_function(_guarded(lambda: len(rpool._available_connections)))
+        REDIS_POOL.labels("max").set_function(_guarded(lambda: rpool.max_connections))
+
+
+def watch_breaker(is_open: Callable[[], bool]) -> None:
+    BREAKER_STATE.set_function(_guarded(lambda: 1.0 if is_open() else 0.0))
+
+
+async def sample_loop_lag(
+    interval_s: float = LOOP_LAG_INTERVAL_S, stop: asyncio.Event | None = None
+) -> None:
+    """Until ``stop`` (or cancelled): wait ``interval_s`` and record how much later than asked
+    the loop woke up. A loop blocked by CPU work (or a blocking call) shows here first."""
+    loop = asyncio.get_running_loop()
+    while stop is None or not stop.is_set():
+        asked = loop.time()
+        if stop is None:
+            await asyncio.sleep(interval_s)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+        LOOP_LAG.set(max(0.0, loop.time() - asked - interval_s))
 
 
 def start_metrics_server(port: int, address: str) -> None:
@@ -44,5 +115,13 @@ def start_metrics_server(port: int, address: str) -> None:
     if port == 0:
         log.info("metrics endpoint disabled (port 0)")
         return
-    start_http_server(port, addr=address)
+    try:
+        start_http_server(port, addr=address)
+    except OSError as exc:
+        # A worker's port is the base + its index: it can meet another process's port (the
+        # invalidator's 9465 beside `--workers 2` on 9464, say). Say so instead of a traceback.
+        raise SettingsError(
+            f"cannot serve metrics on {address}:{port} ({exc.strerror or exc}); with --workers N "
+            "the service uses CATALOG_METRICS_PORT .. CATALOG_METRICS_PORT + N - 1"
+        ) from None
     log.info("metrics on http://%s:%d/metrics", address, port)

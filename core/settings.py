@@ -83,7 +83,9 @@ class Settings:
     tls_cert_file: str = option("", "PEM certificate (chain) of the gRPC ports; empty = plaintext")
     tls_key_file: str = option("", "PEM private key of TLS_CERT_FILE")
     tls_client_ca_file: str = option("", "PEM CA; when set, client certificates are required")
-    metrics_port: int = option(9464, "Prometheus metrics HTTP port; 0 disables", lo=0, hi=65535)
+    metrics_port: int = option(
+        9464, "Prometheus metrics HTTP port (worker i: this + i); 0 disables", lo=0, hi=65535
+    )
     metrics_address: str = option("127.0.0.1", "address the metrics HTTP server binds")
     key_namespace: str = option("catalog", "prefix of every Redis key (several catalogs per Redis)")
     cache_enabled: bool = option(True, "false serves every read from PostgreSQL (baseline, debug)")
@@ -168,10 +170,11 @@ class Settings:
         True, "ping idle connections too, and accept clients' pings on them"
     )
     workers: int = option(
-        1, "server processes sharing the gRPC port (SO_REUSEPORT); only the first serves metrics",
+        1, "server processes sharing the gRPC port (SO_REUSEPORT); each its own metrics port",
         lo=1, hi=64,
     )  # fmt: skip
-    log_level: str = option("INFO", "logging level")
+    log_level: str = option("INFO", "logging level (DEBUG adds the access log)")
+    log_format: str = option("text", "log lines: text, or json (one object per line)")
 
     def __post_init__(self) -> None:
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -230,6 +233,13 @@ class Settings:
                     f"{PREFIX}WRITE_CLIENTS: identities are printable and at most 1024 "
                     f"characters, got {client[:80]!r}"
                 )
+        if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
+            raise SettingsError(
+                f"{PREFIX}METRICS_PORT + {PREFIX}WORKERS - 1 must be <= 65535 "
+                "(worker i serves metrics on METRICS_PORT + i)"
+            )
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"{PREFIX}LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
                 f"{PREFIX}LOG_LEVEL must be DEBUG..CRITICAL, got {self.log_level!r}"
@@ -352,6 +362,13 @@ def _read_secret_file(name: str, path: str) -> str:
     if not text.strip():
         raise SettingsError(f"{variable}: {path} is empty")
     return text
+
+
+def otel_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The standard OpenTelemetry variables (``OTEL_*``), for :func:`core.tracing.configure`.
+    They keep their standard names; like every other variable they are read only here."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith("OTEL_")}
 
 
 def describe(cls: type[Any] = Settings) -> list[tuple[str, str, str]]:

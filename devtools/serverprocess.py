@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -41,18 +42,42 @@ def scrape(metrics_port: int, name: str, **labels: str) -> float:
     return total
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive ports free right now (worker i's metrics: base + i)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count - 1 > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base + 1, base + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 @dataclass
 class ServerProcess:
     """``python -m service serve`` on free ports, with its metrics endpoint."""
 
     settings: Settings
     port: int = field(default_factory=free_port)
-    metrics_port: int = field(default_factory=free_port)
+    #: Worker i (``--workers``) serves metrics on ``metrics_port + i``; chosen in :meth:`start`.
+    metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     #: What ``python`` runs: the service, or another server taking the same settings.
     command: tuple[str, ...] = ("-m", "service")
 
     def start(self) -> ServerProcess:
+        if not self.metrics_port:
+            self.metrics_port = free_port_run(self.settings.workers)
         settings = self.settings.replace(
             grpc_address=f"127.0.0.1:{self.port}", metrics_port=self.metrics_port
         )
@@ -62,8 +87,14 @@ class ServerProcess:
             process_group=0,
         )
         wait_for_port(self.port, timeout=30)
-        wait_for_port(self.metrics_port, timeout=30)
+        for port in self.metrics_ports:
+            wait_for_port(port, timeout=30)
         return self
+
+    @property
+    def metrics_ports(self) -> list[int]:
+        """One metrics port per worker."""
+        return [self.metrics_port + i for i in range(self.settings.workers)]
 
     @property
     def target(self) -> str:
@@ -76,8 +107,8 @@ class ServerProcess:
         return [self.proc.pid, *children(self.proc.pid)]
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        return scrape(self.metrics_port, name, **labels)
+        """Sum over every worker of the samples of ``name`` whose labels include ``labels``."""
+        return sum(scrape(port, name, **labels) for port in self.metrics_ports)
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

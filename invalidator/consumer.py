@@ -36,6 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core import tracing
 from core.cache.store import CacheStore
 from core.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
 from core.keys import Keys
@@ -279,16 +280,18 @@ class Consumer:
                 dead.append((entry_id, fields, "could not be parsed: " + _describe(exc)))
             else:
                 good.append((entry_id, event))
-        async with self._holding([entry_id for entry_id, _ in entries]):
-            done, failed = await self._invalidate_events(good)
-        limit = self.settings.invalidator_max_deliveries
-        raw = dict(entries)
-        for entry_id, error in failed:
-            n = deliveries.get(entry_id, 1)
-            if n >= limit:
-                reason = f"invalidation failed on delivery {n} (max {limit}): {error}"
-                dead.append((entry_id, raw[entry_id], reason))
-        await self._ack(done, dead)
+        # Events carrying a write's trace continue it in a CONSUMER span (none with tracing off).
+        with tracing.continued("catalog.invalidate", [e.traceparent for _, e in good]):
+            async with self._holding([entry_id for entry_id, _ in entries]):
+                done, failed = await self._invalidate_events(good)
+            limit = self.settings.invalidator_max_deliveries
+            raw = dict(entries)
+            for entry_id, error in failed:
+                n = deliveries.get(entry_id, 1)
+                if n >= limit:
+                    reason = f"invalidation failed on delivery {n} (max {limit}): {error}"
+                    dead.append((entry_id, raw[entry_id], reason))
+            await self._ack(done, dead)
         now_ms, applied = time.time() * 1000, set(done)
         for entry_id, event in good:
             if entry_id in applied:  # a set: a list made this quadratic in the batch size

@@ -2,7 +2,8 @@
 
 SERVING means: the consumer is in its read loop (or consumption is disabled) and the last sample of
 the group (XINFO GROUPS) succeeded. NOT_SERVING during start-up, after a failed sample and from
-the moment a shutdown begins. The same sample sets the group lag and pending gauges.
+the moment a shutdown begins. The same sample sets the group lag and pending gauges and the
+dead-letter stream's length.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from core.keys import Keys
 from core.tls import add_port
@@ -78,6 +79,10 @@ async def monitor(
             lag, pending = await sample_group(redis, keys)
             metrics.GROUP_LAG.set(lag)
             metrics.GROUP_PENDING.set(pending)
+            try:
+                metrics.DEAD_LETTERS.set(await redis.xlen(keys.dead_letter_stream))
+            except ResponseError:  # an ACL user from before XLEN was needed: gauge unknown only
+                metrics.DEAD_LETTERS.set(float("nan"))
             await health_.set(bool(ready()))
         except RedisError as exc:
             log.warning("group sample failed: %s", exc)

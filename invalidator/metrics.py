@@ -32,6 +32,10 @@ END_TO_END_SECONDS = Histogram(
 )
 GROUP_LAG = Gauge("catalog_invalidator_group_lag", "Entries not yet delivered to the group")
 GROUP_PENDING = Gauge("catalog_invalidator_group_pending", "Entries delivered but not acked")
+DEAD_LETTERS = Gauge(
+    "catalog_invalidator_dead_letters",
+    "Entries in the dead-letter stream (XLEN) at the last sample",
+)
 OUTBOX_PUBLISHED = Counter("catalog_outbox_published", "Outbox rows XADDed by the relay")
 OUTBOX_ERRORS = Counter("catalog_outbox_errors", "Failed outbox relay transactions")
 VIEWS_FLUSHED = Counter("catalog_views_flushed", "Views added to product_stats by this flusher")

@@ -21,10 +21,12 @@ import contextlib
 import logging
 
 import sqlalchemy as sa
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import tracing
 from core.outbox import outbox
 from core.publisher import Publisher
 from invalidator import metrics
@@ -71,19 +73,28 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            # Consecutive rows of one stream go in one pipeline; order is kept across streams.
-            start = 0
-            for i in range(1, len(rows) + 1):
-                if i == len(rows) or rows[i].stream != rows[start].stream:
-                    await self.publisher.publish_fields(
-                        (r.fields for r in rows[start:i]), rows[start].stream or ""
-                    )
-                    start = i
-            await conn.execute(
-                sa.update(outbox)
-                .where(outbox.c.id.in_([r.id for r in rows]))
-                .values(sent_at=sa.func.now())
-            )
+            # A row's trace continues in a PRODUCER span; its entry carries that span onward.
+            parents = [r.fields.get("traceparent", "") for r in rows]
+            with tracing.continued(
+                "catalog.outbox.relay", parents, kind=SpanKind.PRODUCER
+            ) as carried:
+                entries = [
+                    r.fields if tp == parent else {**r.fields, "traceparent": tp}
+                    for r, parent, tp in zip(rows, parents, carried, strict=True)
+                ]
+                # Consecutive rows of one stream go in one pipeline; order is kept across streams.
+                start = 0
+                for i in range(1, len(rows) + 1):
+                    if i == len(rows) or rows[i].stream != rows[start].stream:
+                        await self.publisher.publish_fields(
+                            entries[start:i], rows[start].stream or ""
+                        )
+                        start = i
+                await conn.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.id.in_([r.id for r in rows]))
+                    .values(sent_at=sa.func.now())
+                )
         self.published += len(rows)
         metrics.OUTBOX_PUBLISHED.inc(len(rows))
         return len(rows)

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
-from core import entrypoint
+from core import entrypoint, tracing
 from core.cache.store import CacheStore
-from core.metrics import start_metrics_server
+from core.metrics import sample_loop_lag, start_metrics_server, watch_pools
 from core.publisher import Publisher
-from core.settings import Settings
+from core.settings import Settings, otel_environ
 from core.tls import server_credentials
 from invalidator.consumer import Consumer
 from invalidator.health import Health, monitor
@@ -66,7 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def run(base: Settings, settings: InvalidatorSettings) -> int:
     keys = settings.keys(base)
+    if tracing.configure(otel_environ(), "catalog-invalidator"):
+        log.info("tracing on (OTEL_* variables)")
     redis, reader = redis_clients(base, settings)
+    tracing.instrument_redis(redis)  # no-op unless tracing is on
+    watch_pools(redis=redis)
     store = CacheStore(
         redis, keys, lease_ttl_ms=base.lease_ttl_ms, tag_margin_ms=int(base.tag_ttl_margin_s * 1000)
     )
@@ -95,10 +99,14 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
         start_metrics_server(settings.invalidator_metrics_port, base.metrics_address)
         await health.start(settings.invalidator_health_address, server_credentials(base))
         async with asyncio.TaskGroup() as tasks:
-            if settings.outbox_relay:
+            if settings.outbox_relay or settings.views_flush:
                 from core.db import create_engine
 
                 engine = create_engine(base)
+                tracing.instrument_engine(engine)  # no-op unless tracing is on
+                watch_pools(engine)
+            if settings.outbox_relay:
+                assert engine is not None
                 relay = OutboxRelay(
                     engine,
                     Publisher(redis, keys, maxlen=settings.event_stream_maxlen),
@@ -108,12 +116,11 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
                 )
                 tasks.create_task(relay.run(stop))
             if settings.views_flush:
-                from core.db import create_engine
-
-                engine = engine or create_engine(base)
+                assert engine is not None
                 interval = settings.views_flush_interval_s
                 flusher = ViewFlusher(redis, engine, keys, interval_s=interval)
                 tasks.create_task(flusher.run(stop))
+            tasks.create_task(sample_loop_lag(stop=stop))
             ready = (lambda: consumer.ready) if consumer is not None else (lambda: True)
             tasks.create_task(
                 monitor(redis, keys, health, ready, settings.invalidator_stats_interval_s, stop)
@@ -132,5 +139,6 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
             await engine.dispose()
         await reader.aclose()
         await redis.aclose()
+        tracing.shutdown()
     log.info("stopped (%s)", "left the group" if clean else "entries left pending for reclaim")
     return 0 if clean else 1

@@ -18,24 +18,27 @@ from dataclasses import dataclass
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # the asyncio servicer (no public alias)
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer  # the asyncio servicer
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import tracing
 from core.cache.reader import Reader
 from core.cache.store import CacheStore
 from core.db import create_engine
 from core.keys import Keys
-from core.metrics import start_metrics_server
+from core.metrics import sample_loop_lag, start_metrics_server, watch_breaker, watch_pools
 from core.pagetokens import PageTokens
 from core.repository import Repository
-from core.settings import Settings
+from core.settings import Settings, otel_environ
 from core.tls import add_port, server_credentials
 from service.auth import WritePolicy
 from service.grpc_api import SERVICE_NAME, CatalogApi, generic_handler
 from service.keepalive import server_options
+from service.rpcmetrics import CallLimit, Counted
 from service.views import ViewCounter
 from service.writes import ProductWriter
 
@@ -112,12 +115,17 @@ async def start(
     keys = Keys(settings.key_namespace)
     store = create_store(redis, settings) if settings.cache_enabled else None
     reader = Reader(store, repo, keys, settings)
+    tracing.instrument_engine(engine)  # no-ops unless tracing is on
+    tracing.instrument_redis(redis)
+    watch_pools(engine, redis)
+    watch_breaker(lambda: reader.breaker.is_open)
     writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
     views = ViewCounter(redis, keys, settings.views_max_pending)
     api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer, views)
 
+    # The in-flight limit is ours (service.rpcmetrics.CallLimit), so refusals are counted.
+    calls = CallLimit(settings.max_concurrent_rpcs)
     server = aio.server(
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             # Refused (RESOURCE_EXHAUSTED) before it is parsed: memory a client cannot inflate.
             ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -127,12 +135,14 @@ async def start(
             *server_options(settings),  # keepalive, maximum connection age
         ],
     )
-    server.add_generic_rpc_handlers((generic_handler(api, writers),))
+    server.add_generic_rpc_handlers((generic_handler(api, calls, writers),))
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    counted = Counted(server, calls)  # the standard services counted and limited like ours
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, counted)
     if settings.reflection:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)),
+            counted,
         )
     port = add_port(server, settings.grpc_address, credentials)
     if port == 0:
@@ -180,7 +190,10 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     start_metrics_server(settings.metrics_port, settings.metrics_address)
+    if tracing.configure(otel_environ(), "catalog"):  # in each worker: after the fork
+        log.info("tracing on (OTEL_* variables)")
     service = await start(settings)
+    lag = asyncio.create_task(sample_loop_lag())
     # What start-up built (modules, clients, the server) lives as long as the process: freeze
     # it, so the collector's passes scan only what requests allocate (each call leaves a few
     # cyclic objects of gRPC's and redis-py's, so collections run all the time under load).
@@ -190,7 +203,9 @@ async def run(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
     finally:
+        lag.cancel()
         await service.stop()
+        tracing.shutdown()
     log.info("stopped")
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,6 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, aio.ServicerContext[Any, bytes]], Awaitable[bytes]]
 UPDATE_PRODUCT = "UpdateProduct"
 RECORD_PRODUCT_VIEWS = "RecordProductViews"
 WRITE_METHODS = (UPDATE_PRODUCT, RECORD_PRODUCT_VIEWS)
@@ -50,6 +49,10 @@ class Refusal:
     code: grpc.StatusCode
     reason: str  # the metric label: missing, malformed, bad_token, identity, read_only
     message: str
+
+
+# One call's authorization: None when it may go on, else why it is refused.
+Check = Callable[[aio.ServicerContext[Any, bytes]], "Refusal | None"]
 
 
 MISSING = Refusal(
@@ -145,20 +148,20 @@ class WritePolicy:
             allowed |= hmac.compare_digest(presented, digest)
         return allowed
 
-    def guard(self, method: str, handler: Handler) -> Handler:
-        """``handler`` itself when ``method`` is not guarded; else one that checks first."""
+    def checker(self, method: str) -> Check | None:
+        """None when ``method`` is not guarded (reads: no check at all, not even a lookup);
+        else the check of one call's credentials, counting each refusal by reason."""
         if method not in self.guarded:
-            return handler
+            return None
         refused = {r.reason: AUTH_REFUSED.labels(method, r.reason) for r in REASONS}
 
-        async def authorized(request: Any, context: aio.ServicerContext[Any, bytes]) -> bytes:
+        def check(context: aio.ServicerContext[Any, bytes]) -> Refusal | None:
             refusal = self.check(context.invocation_metadata(), context.auth_context())
             if refusal is not None:
                 refused[refusal.reason].inc()
-                await context.abort(refusal.code, refusal.message)
-            return await handler(request, context)
+            return refusal
 
-        return authorized
+        return check
 
 
 def _bearer(values: list[str | bytes]) -> str | bytes | None:
@@ -200,6 +203,7 @@ def insecure_writer_channel(target: str, token: str) -> aio.Channel:
 __all__ = [
     "WRITE_METHODS",
     "BearerToken",
+    "Check",
     "Refusal",
     "WritePolicy",
     "bearer_metadata",

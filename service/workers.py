@@ -5,8 +5,9 @@ A Python process runs on one core, so the way to use more is more processes. As 
 multiprocessing example, the parent forks before it creates any gRPC object (gRPC's core does not
 survive a fork once started); each child runs :func:`service.app.run` on its own event loop, with
 its own Redis and PostgreSQL pools, and binds the same address with ``grpc.so_reuseport`` (the
-kernel spreads connections over them). Only worker 0 serves Prometheus metrics: the others'
-counters are not exported (a second exporter would need a port of its own per worker).
+kernel spreads connections over them). Worker ``i`` serves Prometheus metrics on
+``CATALOG_METRICS_PORT + i``, so every worker's traffic is counted: Prometheus scrapes each port
+as a target of its own and dashboards sum over them (docs/operations.md#metrics).
 
 The parent forwards SIGTERM/SIGINT to every worker and waits; if one worker dies on its own, the
 parent stops the others and exits non-zero, so a supervisor restarts the whole group.
@@ -25,14 +26,16 @@ from types import FrameType
 from typing import Any
 
 from core import entrypoint
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:
-    """Worker ``index``'s settings: metrics only on worker 0."""
-    return settings if index == 0 else settings.replace(metrics_port=0)
+    """Worker ``index``'s settings: its own metrics port (the base port + ``index``)."""
+    if settings.metrics_port == 0:
+        return settings
+    return settings.replace(metrics_port=settings.metrics_port + index)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +79,9 @@ def serve(settings: Settings, workers: int | None = None) -> int:
 def _worker(run: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings) -> int:
     try:
         asyncio.run(run(settings))
+    except SettingsError as exc:  # e.g. its metrics port is taken: one line, not a traceback
+        log.error("worker %d: configuration error: %s", os.getpid(), exc)
+        return 2
     except BaseException:
         log.exception("worker %d failed", os.getpid())
         return 1

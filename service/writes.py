@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
+from core import tracing
 from core.cache.breaker import CircuitBreaker
 from core.cache.loader import REDIS_FAILURES, Loader
 from core.db import is_connection_error
@@ -124,7 +125,8 @@ class ProductWriter:
 
     async def update(self, change: Change) -> bytes:
         """Apply ``change``; return the product as stored after the commit."""
-        committed = await self._commit(change)
+        with tracing.span("catalog.update.commit", product_id=change.product_id):
+            committed = await self._commit(change)
         return await self._write_through(change.product_id, committed)
 
     async def _commit(self, change: Change) -> bytes:
@@ -164,6 +166,7 @@ class ProductWriter:
                     brand_id=new.brand_id,
                     previous_brand_id=old.brand_id if old.brand_id != new.brand_id else "",
                     version=new.version,
+                    traceparent=tracing.traceparent(),  # "" unless tracing is on
                 )
                 await add_to_outbox(conn, event)
                 written = (await self.repo.get_products_on(conn, [change.product_id]))[

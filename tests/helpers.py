@@ -46,6 +46,20 @@ class Delta:
         return metric(self.name, **self.labels) - self.start
 
 
+CATALOG_SERVICE = "catalog.v1.CatalogService"
+
+
+def handled(method: str, code: str, service: str = CATALOG_SERVICE) -> Delta:
+    """Calls of a unary method completed with ``code`` (``grpc_server_handled_total``)."""
+    return Delta(
+        "grpc_server_handled_total",
+        grpc_type="unary",
+        grpc_service=service,
+        grpc_method=method,
+        grpc_code=code,
+    )
+
+
 def db_loads() -> Delta:
     return Delta("catalog_db_loads_total", op="get_products")
 

@@ -20,7 +20,7 @@ from core.settings import Settings
 from devtools.localservers import free_port
 from service.app import Service, start
 from tests.conftest import SEED_PRODUCTS
-from tests.helpers import Delta, db_loads, eventually
+from tests.helpers import Delta, db_loads, eventually, handled
 
 if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
@@ -227,9 +227,7 @@ async def test_deadline_and_overload_statuses(settings: Settings, fresh_database
     async for _svc, stub in _started(settings, **changes):
         with psycopg.connect(conninfo(fresh_database_url)) as locker:
             locker.execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
-            late = Delta(
-                "catalog_rpc_duration_seconds_count", method="GetProduct", code="DEADLINE_EXCEEDED"
-            )
+            late = handled("GetProduct", "DEADLINE_EXCEEDED")
             with pytest.raises(aio.AioRpcError) as err:
                 await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
