@@ -1,15 +1,18 @@
-"""Command line of the invalidator: ``invalidator`` (the process), ``dlq`` and ``publish``.
+"""Command line of the invalidator: ``invalidator`` (the process), ``dlq``, ``outbox`` and
+``publish``.
 
-:func:`register` adds the three subcommands to any argparse subparsers object; each sets
+:func:`register` adds the four subcommands to any argparse subparsers object; each sets
 ``handler(settings, args) -> exit status``, the contract of ``service.cli`` (``catalog
-invalidator``, ``catalog dlq``, ``catalog publish``). :func:`main` is ``python -m invalidator``
-(no subcommand = run the process). Configuration errors exit 2 with a one-line message.
+invalidator``, ``catalog dlq``, ``catalog outbox``, ``catalog publish``). :func:`main` is
+``python -m invalidator`` (no subcommand = run the process). Configuration errors exit 2 with a
+one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -18,11 +21,13 @@ from redis.asyncio import Redis
 
 from invalidator.deadletter import list_dead_letters, redrive
 from invalidator.events import EVENT_TYPES, ID_FIELDS, ParseError, new_event
+from invalidator.outbox import failed_rows, retry_failed
 from invalidator.publisher import Publisher
 from invalidator.settings import InvalidatorSettings
 from service.settings import Settings, SettingsError
 
 T = TypeVar("T")
+MAX_SHOWN = 2000  # characters of a set-aside row's fields printed
 Handler = Callable[[Settings, argparse.Namespace], int]
 
 
@@ -40,7 +45,7 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``invalidator``, ``dlq`` and ``publish`` to an ``add_subparsers()`` object."""
+    """Add ``invalidator``, ``dlq``, ``outbox`` and ``publish`` to an ``add_subparsers()``."""
     run = subparsers.add_parser(
         "invalidator", help="consume cache-invalidation events (and relay the outbox)"
     )
@@ -55,6 +60,15 @@ def register(subparsers: Any) -> None:
     again.add_argument("ids", nargs="*", help="dead-letter entry ids")
     again.add_argument("--all", action="store_true", help="every dead letter")
     dlq.set_defaults(handler=_guarded(_dlq))
+
+    box = subparsers.add_parser("outbox", help="list or retry outbox rows the relay set aside")
+    box_actions = box.add_subparsers(dest="outbox_action", required=True, metavar="ACTION")
+    failed = box_actions.add_parser("failed", help="print set-aside rows, oldest first")
+    failed.add_argument("--count", type=int, default=50, help="how many (default 50)")
+    failed.add_argument("--after", type=int, default=0, help="only ids above this one")
+    retry = box_actions.add_parser("retry", help="queue set-aside rows again (fix them first)")
+    retry.add_argument("ids", nargs="+", type=int, help="outbox row ids")
+    box.set_defaults(handler=_outbox)
 
     pub = subparsers.add_parser("publish", help="publish one event (XADD to the event stream)")
     pub.add_argument("type", choices=EVENT_TYPES)
@@ -113,11 +127,36 @@ def _dlq(base: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _outbox(base: Settings, args: argparse.Namespace) -> int:
+    from service.db import create_engine
+
+    async def go() -> int:
+        engine = create_engine(base)
+        try:
+            if args.outbox_action == "retry":
+                n = await retry_failed(engine, list(args.ids))
+                print(f"queued {n} of {len(args.ids)} rows again")
+                return 0 if n == len(args.ids) else 1
+            for row in await failed_rows(engine, count=args.count, after_id=args.after):
+                fields = json.dumps(row.fields, sort_keys=True)
+                print(
+                    f"{row.id}\t{row.failed_at.isoformat()}\t{row.error}\t"
+                    f"{row.stream or '-'}\t{fields[:MAX_SHOWN]}"
+                )
+            return 0
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
 def _publish(base: Settings, args: argparse.Namespace) -> int:
     settings = InvalidatorSettings.from_env()
     try:
         event = new_event(
-            args.type, version=args.version, **{name: getattr(args, name) for name in ID_FIELDS}
+            args.type,
+            version=args.version,
+            **{name: getattr(args, name) for name in ID_FIELDS},
         )
     except ParseError as exc:
         print(f"catalog publish: {exc.reason}", file=sys.stderr)
