@@ -74,6 +74,7 @@ def register(subparsers: Any) -> None:
     pub.add_argument("type", choices=EVENT_TYPES)
     for name in ID_FIELDS:
         pub.add_argument("--" + name.replace("_", "-"), default="", dest=name)
+    pub.add_argument("--product-ids", default="", help="products.updated: comma-separated ids")
     pub.add_argument("--version", type=int, default=0)
     pub.set_defaults(handler=_guarded(_publish))
 
@@ -156,6 +157,7 @@ def _publish(base: Settings, args: argparse.Namespace) -> int:
         event = new_event(
             args.type,
             version=args.version,
+            product_ids=tuple(args.product_ids.split(",")) if args.product_ids else (),
             **{name: getattr(args, name) for name in ID_FIELDS},
         )
     except ParseError as exc:

@@ -27,6 +27,9 @@ PRODUCT_CREATED: Final = "product.created"
 PRODUCT_DELETED: Final = "product.deleted"
 CATEGORY_UPDATED: Final = "category.updated"
 BRAND_UPDATED: Final = "brand.updated"
+# Written by the database's change capture (docs/events.md); publishers may use them too.
+PRODUCTS_UPDATED: Final = "products.updated"
+PRICE_RULE_CHANGED: Final = "price_rule.changed"
 
 # Fields each type requires besides type/event_id/occurred_at/schema.
 REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
@@ -35,6 +38,8 @@ REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
     PRODUCT_DELETED: ("product_id", "category_id", "brand_id"),
     CATEGORY_UPDATED: ("category_id",),
     BRAND_UPDATED: ("brand_id",),
+    PRODUCTS_UPDATED: ("product_ids",),
+    PRICE_RULE_CHANGED: (),  # exactly one of RULE_SCOPES, checked in parse()
 }
 EVENT_TYPES: Final = tuple(REQUIRED)
 ID_FIELDS: Final = (
@@ -45,6 +50,10 @@ ID_FIELDS: Final = (
     "previous_brand_id",
 )
 MAX_ID_LENGTH: Final = 128
+# products.updated: at most this many comma-separated ids (the triggers write 100 per entry).
+MAX_PRODUCT_IDS: Final = 100
+# price_rule.changed names the rule's scope by the one id field it sets.
+RULE_SCOPES: Final = ("product_id", "category_id", "brand_id")
 
 # A stream entry's fields as redis-py returns them (bytes) or as a publisher builds them (str).
 RawFields = Mapping[Any, bytes | str]
@@ -71,6 +80,7 @@ class Event:
     brand_id: str = ""
     previous_brand_id: str = ""
     version: int = 0
+    product_ids: tuple[str, ...] = ()
 
 
 def new_event(
@@ -84,6 +94,7 @@ def new_event(
     version: int = 0,
     event_id: str = "",
     occurred_at_ms: int = 0,
+    product_ids: tuple[str, ...] = (),
 ) -> Event:
     """An event with a fresh ``event_id`` and ``occurred_at`` = now, validated like a parse."""
     event = Event(
@@ -96,6 +107,7 @@ def new_event(
         brand_id=brand_id,
         previous_brand_id=previous_brand_id,
         version=version,
+        product_ids=product_ids,
     )
     return parse(to_fields(event))
 
@@ -114,6 +126,8 @@ def to_fields(event: Event) -> dict[str, str]:
             fields[name] = value
     if event.version:
         fields["version"] = str(event.version)
+    if event.product_ids:
+        fields["product_ids"] = ",".join(event.product_ids)
     return fields
 
 
@@ -158,19 +172,43 @@ def parse(raw: RawFields | None) -> Event:
     if not event_id:
         raise ParseError("missing field 'event_id'")
     ids = {name: _text(raw, name) for name in ID_FIELDS}
+    product_ids = _id_list(raw) if kind == PRODUCTS_UPDATED else ()
     for name in REQUIRED[kind]:
-        if not ids[name]:
+        if not (product_ids if name == "product_ids" else ids[name]):
             raise ParseError(f"{kind} requires field {name!r}")
+    if kind == PRICE_RULE_CHANGED and sum(1 for name in RULE_SCOPES if ids[name]) != 1:
+        raise ParseError(f"{kind} requires exactly one of {', '.join(RULE_SCOPES)}")
     for name, value in ids.items():
-        if len(value) > MAX_ID_LENGTH or any(c in value for c in "{} \n\r\t"):
+        if not _valid_id(value):
             raise ParseError(f"field {name!r} is not a valid id: {value[:40]!r}")
     return Event(
         type=kind,
         event_id=event_id,
         occurred_at_ms=_int(raw, "occurred_at", required=True),
         version=_int(raw, "version", required=False),
+        product_ids=product_ids,
         **ids,
     )
+
+
+def _valid_id(value: str) -> bool:
+    return len(value) <= MAX_ID_LENGTH and not any(c in value for c in "{} \n\r\t")
+
+
+def _id_list(raw: RawFields) -> tuple[str, ...]:
+    """``product_ids``: 1 to MAX_PRODUCT_IDS comma-separated ids (checked before splitting)."""
+    text = _text(raw, "product_ids")
+    if not text:
+        return ()
+    if len(text) > MAX_PRODUCT_IDS * (MAX_ID_LENGTH + 1):
+        raise ParseError(f"field 'product_ids' is longer than {MAX_PRODUCT_IDS} ids can be")
+    ids = tuple(text.split(","))
+    if len(ids) > MAX_PRODUCT_IDS:
+        raise ParseError(f"field 'product_ids' names {len(ids)} ids (at most {MAX_PRODUCT_IDS})")
+    for value in ids:
+        if not value or not _valid_id(value):
+            raise ParseError(f"field 'product_ids' holds an invalid id: {value[:40]!r}")
+    return ids
 
 
 def tags_for(event: Event) -> set[Tag]:
@@ -197,6 +235,16 @@ def tags_for(event: Event) -> set[Tag]:
     if kind == CATEGORY_UPDATED:
         return {Tag.category(event.category_id)}
     if kind == BRAND_UPDATED:
+        return {Tag.brand(event.brand_id)}
+    if kind == PRODUCTS_UPDATED:
+        return {Tag.product(i) for i in event.product_ids}
+    if kind == PRICE_RULE_CHANGED:
+        # The products the rule applies to: by id, or every cached product entry of the
+        # category or brand (those tags also bump the generation, refusing fills in flight).
+        if event.product_id:
+            return {Tag.product(event.product_id)}
+        if event.category_id:
+            return {Tag.category(event.category_id)}
         return {Tag.brand(event.brand_id)}
     raise ParseError(f"unknown event type {kind!r}")  # unreachable for parsed events
 

@@ -1,9 +1,10 @@
-"""UpdateProduct: an optimistic-concurrency update and its outbox event in one transaction, then
-a write-through so the next read on any replica is a hit with the new data.
+"""UpdateProduct: an optimistic-concurrency update, then a write-through so the next read on any
+replica is a hit with the new data.
 
 Invariants:
 * the row change, the version bump and the ``product.updated`` outbox row commit together or not
-  at all; the event carries the new version and, after a move, the previous category/brand;
+  at all: the row is written by the database's change capture (migration 0004), like that of any
+  other writer; it carries the new version and, after a move, the previous category/brand;
 * the write-through runs after the commit, under a fresh (forcing) lease, reads the committed row
   and is refused if a newer version is already cached; if it cannot be written, the key is
   deleted: a miss beats stale data. The event still voids list pages and other dependants, and
@@ -22,8 +23,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
-from invalidator.events import PRODUCT_UPDATED, new_event
-from invalidator.outbox import add_to_outbox
 from service.cache.breaker import CircuitBreaker
 from service.cache.loader import REDIS_FAILURES, Loader
 from service.errors import Aborted, InvalidArgument, NotFound
@@ -119,9 +118,7 @@ class ProductWriter:
             async with self.engine.begin() as conn:
                 old = (
                     await conn.execute(
-                        sa.select(t.version, t.category_id, t.brand_id)
-                        .where(t.id == change.product_id)
-                        .with_for_update()
+                        sa.select(t.version).where(t.id == change.product_id).with_for_update()
                     )
                 ).one_or_none()
                 if old is None:
@@ -131,26 +128,12 @@ class ProductWriter:
                         f"product {change.product_id!r} is at version {old.version}, not "
                         f"{change.expected_version}; read it again and retry"
                     )
-                new = (
-                    await conn.execute(
-                        sa.update(_products)
-                        .where(t.id == change.product_id)
-                        .values(**change.values, version=t.version + 1, updated_at=sa.func.now())
-                        .returning(t.version, t.category_id, t.brand_id)
-                    )
-                ).one()
-                event = new_event(
-                    PRODUCT_UPDATED,
-                    product_id=change.product_id,
-                    category_id=new.category_id,
-                    previous_category_id=old.category_id
-                    if old.category_id != new.category_id
-                    else "",
-                    brand_id=new.brand_id,
-                    previous_brand_id=old.brand_id if old.brand_id != new.brand_id else "",
-                    version=new.version,
+                # One row, version bumped: its trigger queues a versioned product.updated.
+                await conn.execute(
+                    sa.update(_products)
+                    .where(t.id == change.product_id)
+                    .values(**change.values, version=t.version + 1, updated_at=sa.func.now())
                 )
-                await add_to_outbox(conn, event)
         except IntegrityError as exc:
             # The only constraint an update can break here is a category or brand reference.
             raise InvalidArgument("product.category.id or product.brand.id does not exist") from exc

@@ -28,7 +28,7 @@ from service.localservers import RedisProcess
 from service.serverprocess import ServerProcess
 from service.settings import Settings
 from service.verify import render, verify
-from service.workload import update_through_outbox
+from service.workload import update_plain
 from tests.faults.conftest import (
     PRODUCT_IDS,
     Invalidators,
@@ -199,7 +199,7 @@ async def test_invalidator_recreates_its_group_when_redis_restarts_empty_and_cac
                 return gone and await drained(redis, keys, events)
 
             async def update_all() -> dict[str, int]:
-                return {pid: await update_through_outbox(engine, pid) for pid in ids}
+                return {pid: await update_plain(engine, pid) for pid in ids}
 
             # Before the restart the pipeline works: outbox -> relay -> stream -> group -> keys.
             await wait_until(cached, 15, "the products cached")

@@ -44,7 +44,7 @@ from service.localservers import PostgresCluster, RedisProcess
 from service.serverprocess import ServerProcess
 from service.settings import Settings
 from service.verify import render, verify
-from service.workload import update_through_outbox, zipf_draws
+from service.workload import update_plain, zipf_draws
 from tests.faults.conftest import (
     PRODUCT_IDS,
     Invalidators,
@@ -170,7 +170,7 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
                     return
                 try:
                     if n % 2:
-                        await update_through_outbox(engine, pid)
+                        await update_plain(engine, pid)
                     else:
                         await stub.UpdateProduct(
                             pb.UpdateProductRequest(

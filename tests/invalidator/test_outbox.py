@@ -35,16 +35,13 @@ async def stream_fields(redis: Redis, keys: Keys) -> list[dict[str, str]]:
 
 
 async def bump(db: AsyncEngine, product_id: str) -> int:
-    """A writer: change the product and queue its event in the same transaction."""
+    """A writer: change the product; its capture trigger queues the event in the transaction."""
     async with db.begin() as conn:
         version = await conn.scalar(
             sa.text("UPDATE products SET version = version + 1 WHERE id = :id RETURNING version"),
             {"id": product_id},
         )
         assert version is not None
-        await add_to_outbox(
-            conn, new_event(PRODUCT_UPDATED, product_id=product_id, version=version)
-        )
     return int(version)
 
 
