@@ -8,15 +8,17 @@ rolled-back transaction leaves no row, and a committed one is always published.
 A statement-level trigger on ``outbox`` itself calls ``pg_notify(NOTIFY_CHANNEL)``; PostgreSQL
 delivers the notification at COMMIT. The relay (:class:`OutboxRelay`), any number of copies:
 
-* listens on its own autocommit connection and wakes on each notification; it polls only every
-  ``poll_s`` (a slow fallback for notifications missed while it was reconnecting). After every
-  (re)connect it LISTENs first and then drains, so a commit is either seen by that drain or
-  notifies the connection that waits next: none is missed;
-* takes ``pg_try_advisory_xact_lock(LOCK_KEY)``; a copy that does not get it stands by. One
-  publisher at a time is what keeps per-product order: with SKIP LOCKED alone, relay B could
-  publish row 2 while relay A still holds row 1 of the same product;
-* selects unsent rows ``ORDER BY id ... FOR UPDATE SKIP LOCKED``, XADDs them in id order in one
-  pipeline, marks them sent and commits. A crash between XADD and COMMIT republishes those rows:
+* owns one autocommit connection on which it LISTENs and runs its passes, and wakes on each
+  notification; it polls only every ``poll_s`` (a slow fallback for notifications missed while
+  it was reconnecting). After every (re)connect it LISTENs first and then drains, so a commit is
+  either seen by that drain or notifies the connection that waits next: none is missed;
+* per pass, in one transaction: takes ``pg_try_advisory_xact_lock(LOCK_KEY)`` (a copy that does
+  not get it stands by; one publisher at a time is what keeps per-product order: with SKIP
+  LOCKED alone, relay B could publish row 2 while relay A still holds row 1 of the same
+  product), marks up to ``batch_size`` unsent rows sent (``ORDER BY id ... FOR UPDATE SKIP
+  LOCKED``, RETURNING them), XADDs them in id order in one pipeline and commits. BEGIN, the lock
+  and the batch go in one round trip (psycopg pipeline mode), the COMMIT in a second. A crash or
+  a failed XADD before COMMIT rolls the marks back and those rows are published again:
   delivery is at-least-once, and invalidation is idempotent;
 * never skips a row: it selects ``sent_at IS NULL``, not "ids after the last one sent", so a row
   whose transaction commits late (lower id, visible later) is published on the next pass;
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 LOCK_KEY = 0x6F7574626F78
 # The channel the outbox trigger notifies (migration 0004); a constant of the schema.
 NOTIFY_CHANNEL = "catalog_outbox"
+# How the relay's connection shows in pg_stat_activity.
+APPLICATION_NAME = "catalog-outbox-relay"
 
 # Bounds of a publishable row: a stream entry is a flat map of strings, and neither the stream
 # nor Redis should receive a field the size of a document by accident.
@@ -170,6 +174,25 @@ async def retry_failed(engine: AsyncEngine, ids: list[int]) -> int:
     return int(result.rowcount)
 
 
+# The batch of one pass: rows marked sent (rolled back unless the XADDs succeed), returned. The
+# lock is taken again inside (a re-entrant no-op for its holder) so that a standby's batch is
+# empty even though both statements go in one round trip; a pass whose first statement did not
+# get the lock rolls back whatever the second one took.
+_LOCK = "SELECT pg_try_advisory_xact_lock(%(key)s)"
+_TAKE = """
+WITH lock AS (SELECT pg_try_advisory_xact_lock(%(key)s) AS held),
+batch AS (
+    SELECT o.id FROM outbox o, lock
+    WHERE lock.held AND o.sent_at IS NULL AND o.failed_at IS NULL
+    ORDER BY o.id LIMIT %(limit)s
+    FOR UPDATE OF o SKIP LOCKED
+)
+UPDATE outbox SET sent_at = now() FROM batch WHERE outbox.id = batch.id
+RETURNING outbox.id, outbox.stream, outbox.fields
+"""
+_SET_ASIDE = "UPDATE outbox SET sent_at = NULL, failed_at = now(), error = %s WHERE id = %s"
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -192,52 +215,48 @@ class OutboxRelay:
         self.failed = 0
         self.passes = 0
         self.wakeups = 0  # notifications that ended a wait
+        self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def relay_once(self) -> int | None:
         """Publish (or set aside) up to ``batch_size`` rows; None when another relay holds the
         lock. Returns the number of rows taken from the queue."""
         self.passes += 1
-        async with self.engine.begin() as conn:
-            if not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(LOCK_KEY))):
-                return None
-            rows = (
-                await conn.execute(
-                    sa.select(outbox.c.id, outbox.c.stream, outbox.c.fields)
-                    .where(outbox.c.sent_at.is_(None), outbox.c.failed_at.is_(None))
-                    .order_by(outbox.c.id)
-                    .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
-            if not rows:
-                return 0
-            bad: dict[int, str] = {}
+        conn = await self.connection()
+        bad: dict[int, str] = {}
+        standby = False
+        async with conn.pipeline(), conn.transaction() as transaction:
+            held_cursor = await conn.execute(_LOCK, {"key": LOCK_KEY})
+            take_cursor = await conn.execute(_TAKE, {"key": LOCK_KEY, "limit": self.batch_size})
+            held = await held_cursor.fetchone()
+            rows = sorted(await take_cursor.fetchall())
+            if not (held and held[0]):
+                # The holder may have committed between the two statements, letting the second
+                # take the lock and a batch: never commit a batch this pass will not publish.
+                standby = True
+                raise psycopg.Rollback(transaction)
             good: list[tuple[int, str, dict[str, str]]] = []
-            for row in rows:
+            for row_id, stream, fields in rows:
                 try:
-                    good.append((row.id, row.stream or "", entry_fields(row.fields, row.stream)))
+                    good.append((row_id, stream or "", entry_fields(fields, stream)))
                 except Unpublishable as exc:
-                    bad[row.id] = str(exc)
+                    bad[row_id] = str(exc)
             if good:
                 replies = await self.publisher.publish_entries([(s, f) for _, s, f in good])
                 for (row_id, _, _), reply in zip(good, replies, strict=True):
                     if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
-                        raise reply  # not the row's fault: retry the batch
+                        raise reply  # not the row's fault: roll back, retry the batch
                     if isinstance(reply, ResponseError):
                         bad[row_id] = f"Redis refused the XADD: {reply}"
-            sent = [row.id for row in rows if row.id not in bad]
-            if sent:
-                await conn.execute(
-                    sa.update(outbox).where(outbox.c.id.in_(sent)).values(sent_at=sa.func.now())
-                )
-            for row_id, reason in bad.items():
-                await conn.execute(
-                    sa.update(outbox)
-                    .where(outbox.c.id == row_id)
-                    .values(failed_at=sa.func.now(), error=reason[:MAX_ERROR])
-                )
-        self.published += len(sent)
-        metrics.OUTBOX_PUBLISHED.inc(len(sent))
+            if bad:
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(
+                        _SET_ASIDE, [(reason[:MAX_ERROR], row_id) for row_id, reason in bad.items()]
+                    )
+        if standby:
+            return None
+        sent = len(rows) - len(bad)
+        self.published += sent
+        metrics.OUTBOX_PUBLISHED.inc(sent)
         if bad:
             self.failed += len(bad)
             metrics.OUTBOX_FAILED.inc(len(bad))
@@ -256,44 +275,52 @@ class OutboxRelay:
             )
         return int(result.rowcount)
 
-    async def listen(self) -> psycopg.AsyncConnection[Any]:
-        """A dedicated autocommit connection that has run LISTEN on :data:`NOTIFY_CHANNEL`."""
+    async def connection(self) -> psycopg.AsyncConnection[Any]:
+        """The relay's autocommit connection, (re)connected on demand; it has run LISTEN on
+        :data:`NOTIFY_CHANNEL` before it is returned."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
         url = libpq_url(self.engine.url.render_as_string(hide_password=False))
         conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, connect_timeout=self.connect_timeout_s
+            url,
+            autocommit=True,
+            connect_timeout=self.connect_timeout_s,
+            application_name=APPLICATION_NAME,
         )
         try:
             await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         except BaseException:
-            await conn.close()
+            await _close(conn)
             raise
+        self._conn = conn
         return conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await _close(self._conn)
+            self._conn = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set; a failing database or Redis is retried, never fatal.
 
         While they fail, retries back off (doubling, up to MAX_BACKOFF_S) and only the first
-        failure and the recovery are logged as warnings, so an outage is not a log flood."""
-        listener: psycopg.AsyncConnection[Any] | None = None
+        failure and the recovery are logged as warnings, so an outage is not a log flood. A
+        failure drops the connection: the next pass reconnects, LISTENs and drains."""
         pause = MIN_BACKOFF_S
         failing = False
         try:
             while not stop.is_set():
                 try:
-                    if listener is None:
-                        listener = await self.listen()  # LISTEN before the drain below
                     n = await self.relay_once()
                     if self.passes % 10_000 == 1:
                         await self.purge_sent()
                     if n != self.batch_size:  # a full batch means more are waiting
-                        await self._wait(listener, stop)
+                        await self._wait(await self.connection(), stop)
                 except (RedisError, SQLAlchemyError, psycopg.Error, OSError) as exc:
                     metrics.OUTBOX_ERRORS.inc()
                     (log.debug if failing else log.warning)("outbox relay pass failed: %s", exc)
                     failing = True
-                    if listener is not None:
-                        await _close(listener)
-                        listener = None
+                    await self.close()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), pause)
                     pause = min(pause * 2, MAX_BACKOFF_S)
@@ -302,8 +329,7 @@ class OutboxRelay:
                         log.warning("outbox relay recovered")
                     failing, pause = False, MIN_BACKOFF_S
         finally:
-            if listener is not None:
-                await _close(listener)
+            await self.close()
 
     async def _wait(self, listener: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         """Until a notification arrives, ``poll_s`` passes or ``stop`` is set."""

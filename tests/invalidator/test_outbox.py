@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
@@ -21,11 +22,23 @@ from tests.helpers import Delta, eventually
 from tests.invalidator.conftest import entries
 from tests.invalidator.test_cli import cli
 
+_made: list[OutboxRelay] = []
+
 
 def relay(
     db: AsyncEngine, publisher: Publisher, batch_size: int = 500, poll_s: float = 0.005
 ) -> OutboxRelay:
-    return OutboxRelay(db, publisher, batch_size=batch_size, poll_s=poll_s, retention_s=3600)
+    """A relay whose connection is closed after the test."""
+    made = OutboxRelay(db, publisher, batch_size=batch_size, poll_s=poll_s, retention_s=3600)
+    _made.append(made)
+    return made
+
+
+@pytest.fixture(autouse=True)
+async def _close_relays() -> AsyncIterator[None]:
+    yield
+    while _made:
+        await _made.pop().close()
 
 
 async def stream_fields(redis: Redis, keys: Keys) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from invalidator.publisher import Publisher
 from service.keys import Keys
 from tests.helpers import eventually
-from tests.invalidator.test_outbox import bump, relay
+from tests.invalidator.test_outbox import _close_relays, bump, relay  # noqa: F401 (autouse)
 
 
 async def test_relay_is_woken_by_notify_and_polls_nothing_meanwhile(
@@ -25,10 +25,7 @@ async def test_relay_is_woken_by_notify_and_polls_nothing_meanwhile(
         await eventually(lambda: _true(r.passes >= 1), what="the first drain")
         for n in range(1, 4):
             await bump(db, "p0000001")  # a plain UPDATE: its trigger writes the outbox row
-            await eventually(
-                lambda n=n: _count(redis, keys, n),
-                what=f"commit {n} published",  # type: ignore[misc]
-            )
+            await eventually(lambda: _count(redis, keys, n), what=f"commit {n} published")
         assert r.wakeups >= 1
         assert r.passes <= 1 + 3 * 2, "one pass per wake-up (two if a commit raced a pass)"
     finally:
@@ -49,7 +46,8 @@ async def test_relay_listens_again_after_losing_its_connection(
             killed = await conn.scalar(
                 sa.text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND query = 'LISTEN catalog_outbox'"
+                    "WHERE datname = current_database() "
+                    "AND application_name = 'catalog-outbox-relay'"
                 )
             )
         assert killed == 1
