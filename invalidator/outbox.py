@@ -178,6 +178,7 @@ async def retry_failed(engine: AsyncEngine, ids: list[int]) -> int:
 # lock is taken again inside (a re-entrant no-op for its holder) so that a standby's batch is
 # empty even though both statements go in one round trip; a pass whose first statement did not
 # get the lock rolls back whatever the second one took.
+_LISTEN = "LISTEN catalog_outbox"  # NOTIFY_CHANNEL
 _LOCK = "SELECT pg_try_advisory_xact_lock(%(key)s)"
 _TAKE = """
 WITH lock AS (SELECT pg_try_advisory_xact_lock(%(key)s) AS held),
@@ -288,7 +289,7 @@ class OutboxRelay:
             application_name=APPLICATION_NAME,
         )
         try:
-            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            await conn.execute(_LISTEN)
         except BaseException:
             await _close(conn)
             raise

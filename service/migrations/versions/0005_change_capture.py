@@ -190,49 +190,75 @@ BEGIN
 END $$;
 """
 
-# (table, function, argument, operations)
-TRIGGERS = (
-    ("products", "catalog_capture_products", "", ("INSERT", "UPDATE", "DELETE")),
-    ("categories", "catalog_capture_names", "'category'", ("UPDATE",)),
-    ("brands", "catalog_capture_names", "'brand'", ("UPDATE",)),
-    ("product_images", "catalog_capture_images", "", ("INSERT", "UPDATE", "DELETE")),
-    ("price_rules", "catalog_capture_price_rules", "", ("INSERT", "UPDATE", "DELETE")),
-    ("outbox", "catalog_outbox_notify", "", ("INSERT",)),
-)
-_TRANSITIONS = {
-    "INSERT": "NEW TABLE AS new_rows",
-    "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-    "DELETE": "OLD TABLE AS old_rows",
-}
+# One trigger per table and operation: PostgreSQL allows transition tables only on single-event
+# triggers.
+TRIGGERS = """
+CREATE TRIGGER products_capture_insert AFTER INSERT ON products
+  REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_products();
+CREATE TRIGGER products_capture_update AFTER UPDATE ON products
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_products();
+CREATE TRIGGER products_capture_delete AFTER DELETE ON products
+  REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_products();
+CREATE TRIGGER categories_capture_update AFTER UPDATE ON categories
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_names('category');
+CREATE TRIGGER brands_capture_update AFTER UPDATE ON brands
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_names('brand');
+CREATE TRIGGER product_images_capture_insert AFTER INSERT ON product_images
+  REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_images();
+CREATE TRIGGER product_images_capture_update AFTER UPDATE ON product_images
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_images();
+CREATE TRIGGER product_images_capture_delete AFTER DELETE ON product_images
+  REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_images();
+CREATE TRIGGER price_rules_capture_insert AFTER INSERT ON price_rules
+  REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_price_rules();
+CREATE TRIGGER price_rules_capture_update AFTER UPDATE ON price_rules
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_price_rules();
+CREATE TRIGGER price_rules_capture_delete AFTER DELETE ON price_rules
+  REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_capture_price_rules();
+CREATE TRIGGER outbox_capture_insert AFTER INSERT ON outbox
+  REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION catalog_outbox_notify();
+"""
 
-
-def trigger_name(table: str, operation: str) -> str:
-    return f"{table}_capture_{operation.lower()}"
+DROP = """
+DROP TRIGGER products_capture_insert ON products;
+DROP TRIGGER products_capture_update ON products;
+DROP TRIGGER products_capture_delete ON products;
+DROP TRIGGER categories_capture_update ON categories;
+DROP TRIGGER brands_capture_update ON brands;
+DROP TRIGGER product_images_capture_insert ON product_images;
+DROP TRIGGER product_images_capture_update ON product_images;
+DROP TRIGGER product_images_capture_delete ON product_images;
+DROP TRIGGER price_rules_capture_insert ON price_rules;
+DROP TRIGGER price_rules_capture_update ON price_rules;
+DROP TRIGGER price_rules_capture_delete ON price_rules;
+DROP TRIGGER outbox_capture_insert ON outbox;
+DROP FUNCTION catalog_outbox_notify();
+DROP FUNCTION catalog_capture_price_rules();
+DROP FUNCTION catalog_capture_images();
+DROP FUNCTION catalog_capture_names();
+DROP FUNCTION catalog_capture_products();
+DROP FUNCTION catalog_products_changed(text[]);
+DROP FUNCTION catalog_event(text, jsonb);
+DROP FUNCTION catalog_capture_on();
+"""
 
 
 def upgrade() -> None:
     op.execute(FUNCTIONS)
-    for table, function, argument, operations in TRIGGERS:
-        for operation in operations:
-            op.execute(
-                f"CREATE TRIGGER {trigger_name(table, operation)} AFTER {operation} ON {table} "
-                f"REFERENCING {_TRANSITIONS[operation]} FOR EACH STATEMENT "
-                f"EXECUTE FUNCTION {function}({argument})"
-            )
+    op.execute(TRIGGERS)
 
 
 def downgrade() -> None:
-    for table, _, _, operations in TRIGGERS:
-        for operation in operations:
-            op.execute(f"DROP TRIGGER {trigger_name(table, operation)} ON {table}")
-    for function in (
-        "catalog_outbox_notify()",
-        "catalog_capture_price_rules()",
-        "catalog_capture_images()",
-        "catalog_capture_names()",
-        "catalog_capture_products()",
-        "catalog_products_changed(text[])",
-        "catalog_event(text, jsonb)",
-        "catalog_capture_on()",
-    ):
-        op.execute(f"DROP FUNCTION {function}")
+    op.execute(DROP)
