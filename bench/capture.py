@@ -8,6 +8,8 @@ a bulk UPDATE costs with the capture triggers.
    notifications report each deletion to this process, which also timed the COMMIT, so "commit
    -> key gone" is measured on the committing client's clock, from the moment COMMIT was sent
    and from the moment it returned.
+   Before that, ``SEQUENTIAL`` commits one at a time (the next once the key is gone): the path's
+   own latency, without queueing behind other commits.
 2. The invalidator's CPU time over ``IDLE_S`` seconds with nothing to do (``/proc``).
 3. One ``UPDATE`` of every product (100k) with capture on and, for the baseline, off
    (``SET LOCAL catalog.capture = 'off'``): the statement-and-commit time and the outbox rows it
@@ -38,6 +40,7 @@ from service.serverprocess import settings_env
 from service.settings import Settings
 
 WRITERS = 8
+SEQUENTIAL = 200
 IDLE_S = 30.0
 UPDATE = "UPDATE products SET stock = stock + 1, version = version + 1 WHERE id = %s"
 BULK = "UPDATE products SET stock = stock + 1"
@@ -137,6 +140,27 @@ async def rate_phase(
     return from_sent, from_returned, len(sent) - len(from_sent)
 
 
+async def sequential_phase(redis: Redis, settings: Settings, n: int) -> list[float]:
+    """``n`` commits one at a time, each of a cached product; commit returned -> key gone (s)."""
+    keys = Keys(settings.key_namespace)
+    ids = [f"p{i:07d}" for i in range(PRODUCTS - n + 1, PRODUCTS + 1)]
+    await cache(redis, keys, ids)
+    latencies = []
+    async with (
+        await psycopg.AsyncConnection.connect(libpq_url(settings.database_url)) as conn,
+        Deletions(redis) as deletions,
+    ):
+        for pid in ids:
+            key = keys.product(pid).encode()
+            await conn.execute(UPDATE, (pid,))
+            await conn.commit()
+            committed = time.perf_counter()
+            await deletions.wait_for({key}, within_s=5)
+            if key in deletions.gone:
+                latencies.append(deletions.gone[key] - committed)
+    return sorted(latencies)
+
+
 async def idle_cpu(pid: int, seconds: float) -> float:
     """Cores the process used over ``seconds`` of nothing to do (after a short settle)."""
     await asyncio.sleep(2.0)
@@ -182,12 +206,15 @@ async def _outbox_rows(conn: psycopg.AsyncConnection[Any]) -> int:
 def run(env: BenchEnv, seconds: float, rate: int = 1000, idle_s: float = IDLE_S) -> list[Row]:
     settings = env.settings()
     with invalidator(settings) as proc:
-        sent, returned, lost, cores, bulk = asyncio.run(
+        one, sent, returned, lost, cores, bulk = asyncio.run(
             _phases(settings, proc.pid, rate, seconds, idle_s)
         )
     scenario = f"capture, plain UPDATE commits at {rate}/s for {seconds:.0f} s, 1 invalidator"
     bulk_scenario = f"capture, one UPDATE of {PRODUCTS // 1000}k products"
+    alone = f"capture, {SEQUENTIAL} plain UPDATE commits one at a time, 1 invalidator"
     return [
+        Row(alone, "commit returned -> key gone p50", percentile(one, 0.5) * 1000, "ms"),
+        Row(alone, "commit returned -> key gone p99", percentile(one, 0.99) * 1000, "ms"),
         Row(scenario, "commit sent -> key gone p50", percentile(sent, 0.5) * 1000, "ms"),
         Row(scenario, "commit sent -> key gone p99", percentile(sent, 0.99) * 1000, "ms"),
         Row(scenario, "commit returned -> key gone p50", percentile(returned, 0.5) * 1000, "ms",
@@ -207,15 +234,16 @@ def run(env: BenchEnv, seconds: float, rate: int = 1000, idle_s: float = IDLE_S)
 
 async def _phases(
     settings: Settings, pid: int, rate: int, seconds: float, idle_s: float
-) -> tuple[list[float], list[float], int, float, dict[str, float]]:
+) -> tuple[list[float], list[float], list[float], int, float, dict[str, float]]:
     assert settings.redis_url
     redis = Redis.from_url(settings.redis_url)
     try:
         await _wait_ready(redis, Keys(settings.key_namespace))
+        one = await sequential_phase(redis, settings, SEQUENTIAL)
         sent, returned, lost = await rate_phase(redis, settings, rate, seconds)
         cores = await idle_cpu(pid, idle_s)
         bulk = await bulk_update(redis, settings)
-        return sent, returned, lost, cores, bulk
+        return one, sent, returned, lost, cores, bulk
     finally:
         await redis.aclose()
 

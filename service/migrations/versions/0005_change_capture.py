@@ -80,7 +80,6 @@ END $$;
 CREATE FUNCTION catalog_capture_products() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   total bigint;
-  unmoved text[];
 BEGIN
   IF NOT catalog_capture_on() THEN RETURN NULL; END IF;
   IF TG_OP = 'INSERT' THEN
@@ -96,34 +95,44 @@ BEGIN
     FROM old_rows ORDER BY id;
   ELSE
     SELECT count(*) INTO total FROM new_rows;
-    -- A changed id: the old product is gone, a new one exists.
+    -- One join of the two transition tables feeds every kind of entry, in this order: a
+    -- changed id (the old product deleted, a new one created); a one-row statement or a row
+    -- that moved (its own product.updated, with what list pages and versions need); the other
+    -- rows of a bulk statement, 100 ids per products.updated.
     INSERT INTO outbox (fields)
-    SELECT catalog_event('product.deleted', jsonb_build_object(
-      'product_id', o.id, 'category_id', o.category_id, 'brand_id', o.brand_id))
-    FROM old_rows o WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE n.id = o.id)
-    ORDER BY o.id;
-    INSERT INTO outbox (fields)
-    SELECT catalog_event('product.created', jsonb_build_object(
-      'product_id', n.id, 'category_id', n.category_id, 'brand_id', n.brand_id))
-    FROM new_rows n WHERE NOT EXISTS (SELECT 1 FROM old_rows o WHERE o.id = n.id)
-    ORDER BY n.id;
-    -- One row, or a row that moved: its own event, with what list pages and versions need.
-    INSERT INTO outbox (fields)
-    SELECT catalog_event('product.updated', jsonb_build_object(
-      'product_id', n.id, 'category_id', n.category_id, 'brand_id', n.brand_id,
-      'previous_category_id',
-        CASE WHEN o.category_id <> n.category_id THEN o.category_id END,
-      'previous_brand_id', CASE WHEN o.brand_id <> n.brand_id THEN o.brand_id END,
-      'version', CASE WHEN n.version > o.version THEN n.version::text END))
-    FROM new_rows n JOIN old_rows o ON o.id = n.id
-    WHERE total = 1 OR o.category_id <> n.category_id OR o.brand_id <> n.brand_id
-    ORDER BY n.id;
-    IF total > 1 THEN
-      SELECT array_agg(n.id) INTO unmoved
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-      WHERE o.category_id = n.category_id AND o.brand_id = n.brand_id;
-      PERFORM catalog_products_changed(unmoved);
-    END IF;
+    WITH pairs AS MATERIALIZED (
+      SELECT n.id, o.id AS old_id, n.category_id, n.brand_id, n.version,
+             o.category_id AS old_category, o.brand_id AS old_brand, o.version AS old_version
+      FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
+    ),
+    events AS (
+      SELECT 1 AS kind, old_id AS first_id, catalog_event('product.deleted', jsonb_build_object(
+        'product_id', old_id, 'category_id', old_category, 'brand_id', old_brand)) AS fields
+      FROM pairs WHERE id IS NULL
+      UNION ALL
+      SELECT 2, id, catalog_event('product.created', jsonb_build_object(
+        'product_id', id, 'category_id', category_id, 'brand_id', brand_id))
+      FROM pairs WHERE old_id IS NULL
+      UNION ALL
+      SELECT 3, id, catalog_event('product.updated', jsonb_build_object(
+        'product_id', id, 'category_id', category_id, 'brand_id', brand_id,
+        'previous_category_id', CASE WHEN old_category <> category_id THEN old_category END,
+        'previous_brand_id', CASE WHEN old_brand <> brand_id THEN old_brand END,
+        'version', CASE WHEN version > old_version THEN version::text END))
+      FROM pairs
+      WHERE id = old_id
+        AND (total = 1 OR old_category <> category_id OR old_brand <> brand_id)
+      UNION ALL
+      SELECT 4, min(id), catalog_event('products.updated',
+                                       jsonb_build_object('product_ids',
+                                                          string_agg(id, ',' ORDER BY id)))
+      FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / 100 AS chunk
+            FROM pairs
+            WHERE total > 1 AND id = old_id
+              AND old_category = category_id AND old_brand = brand_id) AS unmoved
+      GROUP BY chunk
+    )
+    SELECT fields FROM events ORDER BY kind, first_id;
   END IF;
   RETURN NULL;
 END $$;
