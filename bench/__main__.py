@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import invalidation, rpc, stampede, zipf
+from bench import capture, invalidation, rpc, stampede, zipf
 from bench.environment import BenchEnv
 from bench.report import Row, medians, table, write
 
@@ -27,6 +27,9 @@ def scenarios(quick: bool) -> dict[str, Callable[[BenchEnv], list[Row]]]:
             env, 5.0 if quick else 30.0, 10_000 if quick else 30_000
         ),
         "zipf": lambda env: zipf.run(env, 2.0 if quick else 3.0, 5.0 if quick else 12.0),
+        "capture": lambda env: capture.run(
+            env, 5.0 if quick else 20.0, idle_s=10.0 if quick else 30.0
+        ),
     }
 
 

@@ -31,6 +31,9 @@ PRODUCT_CREATED: Final = "product.created"
 PRODUCT_DELETED: Final = "product.deleted"
 CATEGORY_UPDATED: Final = "category.updated"
 BRAND_UPDATED: Final = "brand.updated"
+# Written by the database's change capture (docs/events.md); publishers may use them too.
+PRODUCTS_UPDATED: Final = "products.updated"
+PRICE_RULE_CHANGED: Final = "price_rule.changed"
 
 # Fields each type requires besides type/event_id/occurred_at/schema.
 REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
@@ -39,6 +42,8 @@ REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
     PRODUCT_DELETED: ("product_id", "category_id", "brand_id"),
     CATEGORY_UPDATED: ("category_id",),
     BRAND_UPDATED: ("brand_id",),
+    PRODUCTS_UPDATED: ("product_ids",),
+    PRICE_RULE_CHANGED: (),  # exactly one of RULE_SCOPES, checked in parse()
 }
 EVENT_TYPES: Final = tuple(REQUIRED)
 ID_FIELDS: Final = (
@@ -61,6 +66,10 @@ _NOT_IN_IDS: Final = frozenset("{}")
 # Optional W3C trace context of the write (docs/events.md): exactly this long, lower-case hex.
 TRACEPARENT: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 TRACEPARENT_LENGTH: Final = 55
+# products.updated: at most this many comma-separated ids (the triggers write 100 per entry).
+MAX_PRODUCT_IDS: Final = 100
+# price_rule.changed names the rule's scope by the one id field it sets.
+RULE_SCOPES: Final = ("product_id", "category_id", "brand_id")
 
 # A stream entry's fields as redis-py returns them (bytes) or as a publisher builds them (str).
 RawFields = Mapping[Any, bytes | str]
@@ -88,6 +97,7 @@ class Event:
     previous_brand_id: str = ""
     version: int = 0
     traceparent: str = ""
+    product_ids: tuple[str, ...] = ()
 
 
 def new_event(
@@ -102,6 +112,7 @@ def new_event(
     event_id: str = "",
     occurred_at_ms: int = 0,
     traceparent: str = "",
+    product_ids: tuple[str, ...] = (),
 ) -> Event:
     """An event with a fresh ``event_id`` and ``occurred_at`` = now, validated like a parse."""
     event = Event(
@@ -115,6 +126,7 @@ def new_event(
         previous_brand_id=previous_brand_id,
         version=version,
         traceparent=traceparent,
+        product_ids=product_ids,
     )
     return parse(to_fields(event))
 
@@ -135,6 +147,8 @@ def to_fields(event: Event) -> dict[str, str]:
         fields["version"] = str(event.version)
     if event.traceparent:
         fields["traceparent"] = event.traceparent
+    if event.product_ids:
+        fields["product_ids"] = ",".join(event.product_ids)
     return fields
 
 
@@ -217,9 +231,12 @@ def parse(raw: RawFields | None) -> Event:
             f"got {event_id[:40]!r}"
         )
     ids = {name: _text(raw, name) for name in ID_FIELDS}
+    product_ids = _id_list(raw) if kind == PRODUCTS_UPDATED else ()
     for name in REQUIRED[kind]:
-        if not ids[name]:
+        if not (product_ids if name == "product_ids" else ids[name]):
             raise ParseError(f"{kind} requires field {name!r}")
+    if kind == PRICE_RULE_CHANGED and sum(1 for name in RULE_SCOPES if ids[name]) != 1:
+        raise ParseError(f"{kind} requires exactly one of {', '.join(RULE_SCOPES)}")
     for name, value in ids.items():
         if not _valid_id(value):
             raise ParseError(f"field {name!r} is not a valid id: {value[:40]!r}")
@@ -237,6 +254,7 @@ def parse(raw: RawFields | None) -> Event:
         occurred_at_ms=_int(raw, "occurred_at", required=True, hi=MAX_OCCURRED_AT_MS),
         version=_int(raw, "version", required=False, hi=MAX_VERSION),
         traceparent=_traceparent(raw),
+        product_ids=product_ids,
         **ids,
     )
 
@@ -254,6 +272,21 @@ def _traceparent(raw: RawFields) -> str:
 def valid_traceparent(text: str) -> bool:
     """A W3C ``traceparent`` of version 00, as this service writes and reads it."""
     return len(text) == TRACEPARENT_LENGTH and TRACEPARENT.fullmatch(text) is not None
+
+
+def _id_list(raw: RawFields) -> tuple[str, ...]:
+    """``product_ids``: 1 to MAX_PRODUCT_IDS comma-separated ids. The entry's size was checked
+    first (MAX_ENTRY_BYTES), so the split is over a few kilobytes at most."""
+    text = _text(raw, "product_ids")
+    if not text:
+        return ()
+    ids = tuple(text.split(","))
+    if len(ids) > MAX_PRODUCT_IDS:
+        raise ParseError(f"field 'product_ids' names {len(ids)} ids (at most {MAX_PRODUCT_IDS})")
+    for value in ids:
+        if not value or not _valid_id(value):
+            raise ParseError(f"field 'product_ids' holds an invalid id: {value[:40]!r}")
+    return ids
 
 
 def tags_for(event: Event) -> set[Tag]:
@@ -278,6 +311,16 @@ def tags_for(event: Event) -> set[Tag]:
     if kind == CATEGORY_UPDATED:
         return {Tag.category(event.category_id)}
     if kind == BRAND_UPDATED:
+        return {Tag.brand(event.brand_id)}
+    if kind == PRODUCTS_UPDATED:
+        return {Tag.product(i) for i in event.product_ids}
+    if kind == PRICE_RULE_CHANGED:
+        # The products the rule applies to: by id, or every cached product entry of the
+        # category or brand (those tags also bump the generation, refusing fills in flight).
+        if event.product_id:
+            return {Tag.product(event.product_id)}
+        if event.category_id:
+            return {Tag.category(event.category_id)}
         return {Tag.brand(event.brand_id)}
     raise ParseError(f"unknown event type {kind!r}")  # unreachable for parsed events
 

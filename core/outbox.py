@@ -1,8 +1,9 @@
 """Transactional outbox: events written with the data change, published by a relay after COMMIT.
 
-Writers call :func:`add_to_outbox` inside the transaction that changes the product, *after* the
-product row was written (its row lock then orders the outbox ids of two writers of one product).
-A rolled-back transaction leaves no row, so nothing is published; a committed one always is. The
+Changes to the catalog tables are queued by triggers (migration 0005), whoever writes them.
+Writers of other data call :func:`add_to_outbox` inside their transaction, after the rows it
+changes were written (their row locks then order the outbox ids of two writers of one row). A
+rolled-back transaction leaves no row, so nothing is published; a committed one always is. The
 relay that publishes the rows is the invalidator's (``invalidator/outbox.py``).
 """
 
@@ -23,6 +24,8 @@ outbox = sa.Table(
     sa.Column("fields", JSONB, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
     sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("failed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
 )
 
 
@@ -34,5 +37,7 @@ def outbox_insert(event: Event, stream: str | None = None) -> sa.Insert:
 async def add_to_outbox(
     conn: AsyncConnection | AsyncSession, event: Event, *, stream: str | None = None
 ) -> None:
-    """Queue ``event`` in the caller's open transaction; published only if it commits."""
+    """Queue ``event`` in the caller's open transaction; published only if it commits.
+
+    Changes to the catalog tables need no call: their triggers write the outbox row."""
     await conn.execute(outbox_insert(event, stream))

@@ -8,7 +8,7 @@ direct XADD after COMMIT is lost if the process dies between the two. Every entr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,18 @@ class Publisher:
                 pipe.xadd(target, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
             ids: list[Any] = await pipe.execute()
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def publish_entries(self, entries: Sequence[tuple[str, Mapping[str, str]]]) -> list[Any]:
+        """XADD ``(stream, fields)`` pairs (empty stream = the event stream) in one round trip.
+
+        Per entry: its stream id, or the error Redis returned for it (a refused entry does not
+        stop the others; a lost connection raises)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, fields in entries:
+                target = stream or self.keys.stream
+                pipe.xadd(target, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def publish_product_updated(
         self,

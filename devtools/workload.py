@@ -3,9 +3,9 @@ tests (never production): which products are drawn, and how a writer elsewhere c
 
 * :func:`zipf_draws`: ids drawn Zipf(s) by rank, the ranks scattered over the id space by a
   seeded shuffle, so the hot set is not one id range (nor one list page).
-* :func:`update_through_outbox`: the change a writer outside the service makes: stock and version
-  bumped and its ``product.updated`` event queued in the same transaction (transactional outbox);
-  the invalidator's relay publishes it after COMMIT.
+* :func:`update_plain`: the change a writer outside the service makes: stock and version bumped
+  by one plain SQL statement, nothing else. The database's change capture queues its
+  ``product.updated`` event in the same transaction; the invalidator's relay publishes it.
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.events import PRODUCT_UPDATED, new_event
-from core.outbox import add_to_outbox
-
 UPDATE = sa.text(
     "UPDATE products SET stock = stock + 1, version = version + 1, updated_at = now() "
-    "WHERE id = :id RETURNING version, category_id, brand_id"
+    "WHERE id = :id RETURNING version"
 )
 
 
@@ -37,16 +34,8 @@ def zipf_draws(ids: Sequence[str], n: int, s: float = 1.1, seed: int = 7) -> lis
     return [ranked[bisect.bisect_left(cumulative, rng.random() * total)] for _ in range(n)]
 
 
-async def update_through_outbox(engine: AsyncEngine, product_id: str) -> int:
-    """Bump ``product_id``'s stock and queue its event in one transaction; the new version."""
+async def update_plain(engine: AsyncEngine, product_id: str) -> int:
+    """Bump ``product_id``'s stock with one plain UPDATE; the new version."""
     async with engine.begin() as conn:
-        version, category, brand = (await conn.execute(UPDATE, {"id": product_id})).one()
-        event = new_event(
-            PRODUCT_UPDATED,
-            product_id=product_id,
-            category_id=category,
-            brand_id=brand,
-            version=version,
-        )
-        await add_to_outbox(conn, event)
+        version = (await conn.execute(UPDATE, {"id": product_id})).scalar_one()
     return int(version)

@@ -38,6 +38,9 @@ DEAD_LETTERS = Gauge(
 )
 OUTBOX_PUBLISHED = Counter("catalog_outbox_published", "Outbox rows XADDed by the relay")
 OUTBOX_ERRORS = Counter("catalog_outbox_errors", "Failed outbox relay transactions")
+OUTBOX_FAILED = Counter(
+    "catalog_outbox_failed", "Outbox rows set aside as unpublishable (catalog outbox failed)"
+)
 VIEWS_FLUSHED = Counter("catalog_views_flushed", "Views added to product_stats by this flusher")
 VIEWS_DROPPED = Counter(
     "catalog_views_dropped", "Views of ids that name no product, dropped at flush"

@@ -67,7 +67,13 @@ class InvalidatorSettings:
     event_stream_maxlen: int = option(1_000_000, "publishers trim the stream to ~this", lo=1000)
     outbox_relay: bool = option(True, "run the outbox relay in the invalidator process")
     outbox_batch_size: int = option(500, "outbox rows published per transaction", lo=1, hi=10_000)
-    outbox_poll_ms: int = option(20, "relay poll interval while the outbox is empty", lo=1)
+    outbox_poll_ms: int = option(
+        1000,
+        "relay's fallback poll; NOTIFY wakes it at once, this catches notifications missed "
+        "while it reconnected",
+        lo=1,
+        hi=3_600_000,
+    )
     outbox_retention_s: float = option(86400.0, "sent outbox rows are deleted after this", lo=1)
     views_flush: bool = option(True, "run the view-counter flusher in the invalidator process")
     views_flush_interval_s: float = option(

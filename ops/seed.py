@@ -11,6 +11,8 @@ Invariants:
 - Seeding a non-empty catalog is a no-op unless ``reset`` (which truncates the catalog tables
   first). The load is one transaction under an advisory lock, so concurrent seeders never
   double-load and a failed load leaves nothing behind; a ``VACUUM (ANALYZE)`` follows it.
+- The load writes no invalidation events (change capture is switched off for its transaction):
+  nothing can be cached for rows that did not exist.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def seed_catalog(url: str, products: int = 10_000, seed: int = 42, reset: bool =
         raise ValueError(f"products must be >= 1, got {products}")
     with psycopg.connect(libpq_url(url)) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SEED_LOCK_KEY,))
+        # A new catalog no cache has read: its rows need no invalidation events (migration
+        # 0004). A reset's TRUNCATE is not captured either: use a fresh key namespace after it.
+        conn.execute("SET LOCAL catalog.capture = 'off'")
         if reset:
             conn.execute(
                 "TRUNCATE price_rules, product_images, product_stats, products, brands, categories"

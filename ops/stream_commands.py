@@ -1,4 +1,5 @@
-"""``catalog dlq`` and ``catalog publish``: the operator's side of the event stream.
+"""``catalog dlq``, ``catalog outbox`` and ``catalog publish``: the operator's side of the event
+stream and of the outbox.
 
 Each handler gets the base settings and the parsed arguments and returns the exit status (the
 contract of :mod:`ops.cli`); invalidator settings are read here, and their errors exit 2 like any
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,13 +27,15 @@ from invalidator.deadletter import (
     redrive,
     redrive_all,
 )
+from invalidator.outbox import failed_rows, retry_failed
 from invalidator.settings import InvalidatorSettings
 
 T = TypeVar("T")
+MAX_SHOWN = 2000  # characters of a set-aside row's fields printed
 
 
 def register(subparsers: Any) -> None:
-    """Add ``dlq`` and ``publish`` to an ``add_subparsers()`` object."""
+    """Add ``dlq``, ``outbox`` and ``publish`` to an ``add_subparsers()`` object."""
     dlq = subparsers.add_parser("dlq", help="list or re-drive dead-lettered events")
     actions = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
     show = actions.add_parser("list", help="print dead letters, oldest first")
@@ -42,10 +46,20 @@ def register(subparsers: Any) -> None:
     again.add_argument("--all", action="store_true", help="every dead letter")
     dlq.set_defaults(handler=_dlq)
 
+    box = subparsers.add_parser("outbox", help="list or retry outbox rows the relay set aside")
+    box_actions = box.add_subparsers(dest="outbox_action", required=True, metavar="ACTION")
+    failed = box_actions.add_parser("failed", help="print set-aside rows, oldest first")
+    failed.add_argument("--count", type=int, default=50, help="how many (default 50)")
+    failed.add_argument("--after", type=int, default=0, help="only ids above this one")
+    retry = box_actions.add_parser("retry", help="queue set-aside rows again (fix them first)")
+    retry.add_argument("ids", nargs="+", type=int, help="outbox row ids")
+    box.set_defaults(handler=_outbox)
+
     pub = subparsers.add_parser("publish", help="publish one event (XADD to the event stream)")
     pub.add_argument("type", choices=EVENT_TYPES)
     for name in ID_FIELDS:
         pub.add_argument("--" + name.replace("_", "-"), default="", dest=name)
+    pub.add_argument("--product-ids", default="", help="products.updated: comma-separated ids")
     pub.add_argument("--version", type=int, default=0)
     pub.set_defaults(handler=_publish)
 
@@ -104,11 +118,44 @@ def _dlq(base: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _outbox(base: Settings, args: argparse.Namespace) -> int:
+    from core.db import create_engine
+
+    if args.outbox_action == "failed" and not (1 <= args.count <= 10_000 and args.after >= 0):
+        print("catalog outbox failed: --count is 1-10000, --after >= 0", file=sys.stderr)
+        return 2
+    if args.outbox_action == "retry" and min(args.ids) < 1:
+        print("catalog outbox retry: row ids are positive", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        engine = create_engine(base)
+        try:
+            if args.outbox_action == "retry":
+                n = await retry_failed(engine, list(args.ids))
+                print(f"queued {n} of {len(args.ids)} rows again")
+                return 0 if n == len(args.ids) else 1
+            for row in await failed_rows(engine, count=args.count, after_id=args.after):
+                fields = json.dumps(row.fields, sort_keys=True)
+                print(
+                    f"{row.id}\t{row.failed_at.isoformat()}\t{row.error}\t"
+                    f"{row.stream or '-'}\t{fields[:MAX_SHOWN]}"
+                )
+            return 0
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
 def _publish(base: Settings, args: argparse.Namespace) -> int:
     settings = InvalidatorSettings.from_env()
     try:
         event = new_event(
-            args.type, version=args.version, **{name: getattr(args, name) for name in ID_FIELDS}
+            args.type,
+            version=args.version,
+            product_ids=tuple(args.product_ids.split(",")) if args.product_ids else (),
+            **{name: getattr(args, name) for name in ID_FIELDS},
         )
     except ParseError as exc:
         print(f"catalog publish: {exc.reason}", file=sys.stderr)

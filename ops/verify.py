@@ -9,9 +9,6 @@ boundary, so no time-dependent field may legitimately differ while the entry liv
 * a list page whose ids or next id differ from :meth:`Repository.list_page_ids` for its filter,
   position and size.
 
-Known exception, not a protocol failure: a ``price_rules`` edit publishes no event, so entries
-of the products it affects stay as they were until their TTL (they are reported).
-
 Race-awareness: an entry may change between the Redis read and the database read. A candidate is
 re-checked once: the database is read again, then Redis; it is reported only if Redis still holds
 the very bytes first read and they still differ from the second database read.

@@ -1,9 +1,10 @@
-"""UpdateProduct: an optimistic-concurrency update and its outbox event in one transaction, then
-a write-through so the next read on any replica is a hit with the new data.
+"""UpdateProduct: an optimistic-concurrency update, then a write-through so the next read on any
+replica is a hit with the new data.
 
 Invariants:
 * the row change, the version bump and the ``product.updated`` outbox row commit together or not
-  at all; the event carries the new version and, after a move, the previous category/brand;
+  at all: the row is written by the database's change capture (migration 0004), like that of any
+  other writer; it carries the new version and, after a move, the previous category/brand;
 * the write-through runs after the commit, under a fresh (forcing) lease, reads the committed row
   and is refused if a newer version is already cached; if it cannot be written, the key is
   deleted: a miss beats stale data. The event still voids list pages and other dependants, and
@@ -29,8 +30,6 @@ from core.cache.breaker import CircuitBreaker
 from core.cache.loader import REDIS_FAILURES, Loader
 from core.db import is_connection_error
 from core.errors import Aborted, InvalidArgument, NotFound
-from core.events import PRODUCT_UPDATED, new_event
-from core.outbox import add_to_outbox
 from core.repository import Repository
 from core.validation import check_id
 
@@ -136,9 +135,7 @@ class ProductWriter:
             async with self.engine.begin() as conn:
                 old = (
                     await conn.execute(
-                        sa.select(t.version, t.category_id, t.brand_id)
-                        .where(t.id == change.product_id)
-                        .with_for_update()
+                        sa.select(t.version).where(t.id == change.product_id).with_for_update()
                     )
                 ).one_or_none()
                 if old is None:
@@ -148,27 +145,18 @@ class ProductWriter:
                         f"product {change.product_id!r} is at version {old.version}, not "
                         f"{change.expected_version}; read it again and retry"
                     )
-                new = (
+                if traceparent := tracing.traceparent():  # "" unless tracing is on
+                    # The capture trigger puts it in the outbox row: the trace reaches the
+                    # invalidator through the relay.
                     await conn.execute(
-                        sa.update(_products)
-                        .where(t.id == change.product_id)
-                        .values(**change.values, version=t.version + 1, updated_at=sa.func.now())
-                        .returning(t.version, t.category_id, t.brand_id)
+                        sa.select(sa.func.set_config("catalog.traceparent", traceparent, True))
                     )
-                ).one()
-                event = new_event(
-                    PRODUCT_UPDATED,
-                    product_id=change.product_id,
-                    category_id=new.category_id,
-                    previous_category_id=old.category_id
-                    if old.category_id != new.category_id
-                    else "",
-                    brand_id=new.brand_id,
-                    previous_brand_id=old.brand_id if old.brand_id != new.brand_id else "",
-                    version=new.version,
-                    traceparent=tracing.traceparent(),  # "" unless tracing is on
+                # One row, version bumped: its trigger queues a versioned product.updated.
+                await conn.execute(
+                    sa.update(_products)
+                    .where(t.id == change.product_id)
+                    .values(**change.values, version=t.version + 1, updated_at=sa.func.now())
                 )
-                await add_to_outbox(conn, event)
                 written = (await self.repo.get_products_on(conn, [change.product_id]))[
                     change.product_id
                 ]

@@ -155,12 +155,14 @@ def test_the_service_and_the_invalidator_processes_keep_passwords_out_of_stderr(
                 stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         deadline = time.monotonic() + 30
-        log = ""
-        while "WRONGPASS" not in log.upper() and "invalid username" not in log:
-            assert procs["invalidator"].poll() is None or log, "invalidator died silently"
+        while True:
+            exited = procs["invalidator"].poll() is not None  # before the read: no lost lines
+            log = (tmp_path / "invalidator.log").read_text()
+            if "WRONGPASS" in log.upper() or "invalid username" in log:
+                break
+            assert not exited, f"the invalidator exited without an auth error: {log}"
             assert time.monotonic() < deadline, f"the invalidator logged no auth error: {log}"
             time.sleep(0.1)  # polling a log file for a bounded time, not timing an event
-            log = (tmp_path / "invalidator.log").read_text()
     finally:
         for proc in procs.values():
             if proc.poll() is None:

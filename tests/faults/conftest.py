@@ -96,7 +96,6 @@ class Invalidators:
             "CATALOG_INVALIDATOR_STATS_INTERVAL_S": "0.5",
             "CATALOG_INVALIDATOR_METRICS_PORT": "0",
             "CATALOG_INVALIDATOR_HEALTH_ADDRESS": "",
-            "CATALOG_OUTBOX_POLL_MS": "5",
             "CATALOG_LOG_LEVEL": "WARNING",
             **env,
         }

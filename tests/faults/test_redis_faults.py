@@ -27,7 +27,7 @@ from core.keys import Keys
 from core.settings import Settings
 from devtools.localservers import RedisProcess
 from devtools.serverprocess import ServerProcess
-from devtools.workload import update_through_outbox
+from devtools.workload import update_plain
 from ops.verify import render, verify
 from tests.faults.conftest import (
     PRODUCT_IDS,
@@ -199,7 +199,7 @@ async def test_invalidator_recreates_its_group_when_redis_restarts_empty_and_cac
                 return gone and await drained(redis, keys, events)
 
             async def update_all() -> dict[str, int]:
-                return {pid: await update_through_outbox(engine, pid) for pid in ids}
+                return {pid: await update_plain(engine, pid) for pid in ids}
 
             # Before the restart the pipeline works: outbox -> relay -> stream -> group -> keys.
             await wait_until(cached, 15, "the products cached")

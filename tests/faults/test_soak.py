@@ -1,5 +1,7 @@
-"""The soak: 5 minutes of Zipf reads and updates through the outbox on real processes, with one
-fault of each kind: Redis killed and restarted empty, Redis stopped (SIGSTOP) 2 s, PostgreSQL
+"""The soak: 5 minutes of Zipf reads and updates on real processes (through UpdateProduct, plain
+SQL from the application's pool, and plain SQL from ``psql``: edits, bulk updates, renames,
+image changes and price-rule changes; no event is ever published by hand), with one fault of
+each kind: Redis killed and restarted empty, Redis stopped (SIGSTOP) 2 s, PostgreSQL
 restarted, one invalidator SIGSTOPped holding entries and resumed, the other SIGKILLed holding
 entries (and replaced, as a supervisor would).
 
@@ -37,12 +39,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
-from core.db import create_engine
+from core.db import create_engine, libpq_url
 from core.keys import Keys
 from core.settings import Settings
-from devtools.localservers import PostgresCluster, RedisProcess
+from devtools.localservers import PostgresCluster, RedisProcess, postgres_bindir
 from devtools.serverprocess import ServerProcess
-from devtools.workload import update_through_outbox, zipf_draws
+from devtools.workload import update_plain, zipf_draws
 from ops.verify import render, verify
 from tests.faults.conftest import (
     PRODUCT_IDS,
@@ -154,9 +156,9 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
         return soak_server.metric("catalog_cache_requests_total", op="get", result="hit")
 
     async def write() -> None:
-        """Zipf-drawn updates back to back, alternately through UpdateProduct (change and outbox
-        row in one transaction, then a write-through) and as a writer elsewhere does (raw SQL and
-        an outbox row). While PostgreSQL is down it waits for it instead of spinning."""
+        """Zipf-drawn updates back to back, alternately through UpdateProduct (then a
+        write-through) and as a writer elsewhere does (one plain UPDATE; the capture trigger
+        queues its event). While PostgreSQL is down it waits for it instead of spinning."""
         draws = zipf_draws(PRODUCT_IDS, 10_000, seed=11)
         end = time.monotonic() + SOAK_S + 60
         async with writer_channel(soak_server.target) as channel:
@@ -166,7 +168,7 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
                     return
                 try:
                     if n % 2:
-                        await update_through_outbox(engine, pid)
+                        await update_plain(engine, pid)
                     else:
                         await stub.UpdateProduct(
                             pb.UpdateProductRequest(
@@ -183,9 +185,28 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
                     writes[type(exc).__name__] += 1
                     await pg_up.wait()
 
+    async def psql_writer() -> None:
+        """``psql`` as an operator or an admin tool: every PSQL_PAUSE_S one statement of
+        :func:`psql_statement` in a new ``psql`` process. Failures (PostgreSQL down) are
+        counted; nothing waits for them."""
+        psql = str(postgres_bindir() / "psql")
+        conninfo = libpq_url(pg_cluster.url)
+        draws = zipf_draws(PRODUCT_IDS, 10_000, seed=13)
+        end = time.monotonic() + SOAK_S + 60
+        for n, pid in enumerate(itertools.cycle(draws)):
+            if stop_writing.is_set() or time.monotonic() > end:
+                return
+            proc = await asyncio.create_subprocess_exec(
+                psql, conninfo, "-q", "-v", "ON_ERROR_STOP=1", "-c", psql_statement(n, pid),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            writes["psql ok" if await proc.wait() == 0 else "psql failed"] += 1
+            await asyncio.sleep(PSQL_PAUSE_S)
+
     load = ReadLoad(soak_server.target, DEADLINE_S, workers=4, max_seconds=SOAK_S + 60).start()
     t0 = time.monotonic()
     writer = asyncio.create_task(write())
+    psql_writes = asyncio.create_task(psql_writer())
 
     async def at(fraction: float) -> None:
         """The schedule: wait for this point of the run (a fault's slot, or the end)."""
@@ -281,13 +302,14 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
 
         # Steady load to the end of the run, then the end sample.
         await at(1.0)
-        assert load.running and not writer.done(), "the load lasted the whole run"
+        assert load.running and not writer.done() and not psql_writes.done(), "the whole run"
         rss.end_all()
         ended_at = time.monotonic()
     finally:
         stop_writing.set()
         outcomes = await load.stop()
         await writer
+        await psql_writes
 
     try:
         settle_s = await wait_until(lambda: _settled(redis, engine, keys), 120, "events settled")
@@ -317,6 +339,7 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
         + "\n".join(row.line() for row in rss.rows)
     )
     assert report.products > 0
+    assert writes["psql ok"] > 0
     assert report.stale == []
     assert dead == 0
     # The deadline is asserted where a fault could break it (Redis stopped: commands time out,
@@ -332,6 +355,40 @@ async def test_soak_with_every_fault_leaves_nothing_stale_and_no_process_grows(
         if row.ours:
             assert row.growth_kib() < MAX_GROWTH_KIB, row.line()
             assert row.growth_kib() < MAX_GROWTH_RATIO * row.start_kib, row.line()
+
+
+# One psql statement per pause: a few per second next to the writer's hundreds of updates.
+PSQL_PAUSE_S = 0.2
+RULE_SCOPES = ("product", "category", "brand")
+
+
+def psql_statement(n: int, pid: str) -> str:
+    """The ``n``-th plain SQL write of the psql writer, about product ``pid`` (Zipf-drawn): an
+    edit without a version bump, a bulk update of a category, a price rule inserted, moved to
+    another scope or deleted, a rename, an image change. Values are ids of the seeded catalog
+    and counters, never outside input."""
+    of_product = f"(SELECT {{}} FROM products WHERE id = '{pid}')"
+    category, brand = of_product.format("category_id"), of_product.format("brand_id")
+    kind = n % 6
+    if kind == 0:
+        return f"UPDATE products SET name = 'psql edit {n}' WHERE id = '{pid}'"
+    if kind == 1:
+        return f"UPDATE products SET stock = stock + 1 WHERE category_id = {category}"
+    if kind == 2:
+        scope = RULE_SCOPES[(n // 6) % 3]
+        target = {"product": f"'{pid}'", "category": category, "brand": brand}[scope]
+        return (
+            "INSERT INTO price_rules (id, name, scope, target_id, kind, value, priority) "
+            f"VALUES ('soak-{n % 5}', 'soak {n}', '{scope}', {target}, 'percent_off', "
+            f"{1000 + n % 8000}, 200) ON CONFLICT (id) DO UPDATE SET scope = EXCLUDED.scope, "
+            "target_id = EXCLUDED.target_id, value = EXCLUDED.value, name = EXCLUDED.name"
+        )
+    if kind == 3:
+        return f"DELETE FROM price_rules WHERE id = 'soak-{(n // 6) % 5}'"
+    if kind == 4:
+        table, of = ("categories", category) if n % 12 < 6 else ("brands", brand)
+        return f"UPDATE {table} SET name = 'psql {table} {n}' WHERE id = {of}"
+    return f"UPDATE product_images SET alt_text = 'psql {n}' WHERE product_id = '{pid}'"
 
 
 async def freeze_holding(redis: Redis, keys: Keys, proc: subprocess.Popen[bytes], name: str) -> int:

@@ -9,10 +9,14 @@ import pytest
 from core.events import (
     BRAND_UPDATED,
     CATEGORY_UPDATED,
+    MAX_PRODUCT_IDS,
+    PRICE_RULE_CHANGED,
     PRODUCT_CREATED,
     PRODUCT_DELETED,
     PRODUCT_UPDATED,
+    PRODUCTS_UPDATED,
     ParseError,
+    invalidation_for,
     new_event,
     parse,
     tags_for,
@@ -242,3 +246,47 @@ def test_versioned_product_updates_keep_entries_at_or_past_the_highest_version()
     )
     deleted = new_event("product.deleted", product_id="p1", category_id="c", brand_id="b")
     assert invalidation_for([v5, deleted]).min_versions == {}
+
+
+def test_products_updated_voids_each_product_and_round_trips() -> None:
+    event = new_event(PRODUCTS_UPDATED, product_ids=("p1", "p2", "p3"))
+    assert parse(to_fields(event)) == event
+    assert to_fields(event)["product_ids"] == "p1,p2,p3"
+    assert tags_for(event) == {Tag.product("p1"), Tag.product("p2"), Tag.product("p3")}
+    assert invalidation_for([event]).min_versions == {}  # no version: deleted outright
+
+
+@pytest.mark.parametrize(
+    ("product_ids", "reason"),
+    [
+        ("", "products.updated requires field 'product_ids'"),
+        (",".join(f"p{n}" for n in range(MAX_PRODUCT_IDS + 1)), "at most 100"),
+        ("p1,,p2", "invalid id: ''"),
+        ("p1,p 2", "invalid id: 'p 2'"),
+        ("p1," + "x" * 200, "invalid id"),
+        ("x" * 100_000, r"entry is \d+ bytes \(max"),  # the entry's size is checked first
+    ],
+)
+def test_products_updated_bounds_its_id_list(product_ids: str, reason: str) -> None:
+    with pytest.raises(ParseError, match=reason):
+        parse(fields(type=PRODUCTS_UPDATED, product_ids=product_ids))
+
+
+@pytest.mark.parametrize(
+    ("ids", "tag"),
+    [
+        ({"product_id": "p1"}, Tag.product("p1")),
+        ({"category_id": "c1"}, Tag.category("c1")),
+        ({"brand_id": "b1"}, Tag.brand("b1")),
+    ],
+)
+def test_price_rule_changed_voids_the_rules_scope(ids: dict[str, str], tag: Tag) -> None:
+    event = parse(fields(type=PRICE_RULE_CHANGED, **ids))
+    assert tags_for(event) == {tag}
+    assert invalidation_for([event]).min_versions == {}
+
+
+@pytest.mark.parametrize("ids", [{}, {"category_id": "c1", "brand_id": "b1"}])
+def test_price_rule_changed_names_exactly_one_scope(ids: dict[str, str]) -> None:
+    with pytest.raises(ParseError, match="exactly one of product_id, category_id, brand_id"):
+        parse(fields(type=PRICE_RULE_CHANGED, **ids))
