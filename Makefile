@@ -32,9 +32,14 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the versions and hashes of requirements-dev.lock (`make lock`), then the project itself,
+# editable, without resolving anything: the same environment on every machine, and no resolver run.
+$(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		-r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		-e .
 	touch $(STAMP)
 
 proto: install
@@ -119,12 +124,15 @@ bench-quick: install
 	$(BIN)/python -m bench --quick --no-write  # a check: only a full run publishes figures
 
 # requirements.lock: the runtime dependencies (and the build backend) with their hashes, which
-# the Dockerfile installs with --require-hashes. Run after changing dependencies in pyproject.toml.
+# the Dockerfile installs with --require-hashes; requirements-dev.lock: the same plus the dev
+# extra, which `make install` (so CI) installs. Run after changing dependencies in pyproject.toml;
+# pins already in the files are kept unless a new requirement excludes them.
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
+	--allow-unsafe --strip-extras --all-build-deps --no-emit-index-url --no-emit-find-links
 lock: install
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'pip-tools>=7.4'
-	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
-		--allow-unsafe --strip-extras --all-build-deps --no-emit-index-url --no-emit-find-links \
-		--output-file requirements.lock pyproject.toml
+	$(PIP_COMPILE) --output-file requirements.lock pyproject.toml
+	$(PIP_COMPILE) --extra dev --output-file requirements-dev.lock pyproject.toml
 
 # Random secrets for docker-compose.yml in ./secrets (existing ones are kept).
 secrets:

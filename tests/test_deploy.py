@@ -180,27 +180,32 @@ def test_make_secrets_makes_every_compose_secret_once(tmp_path: Path) -> None:
     assert Settings.from_env(env).write_token_list == (made["write_tokens"].strip(),)
 
 
-def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
-    """requirements.lock (``make lock``) matches pyproject.toml, and the image installs only it."""
-    import tomllib
-
+def _check_lock(name: str, requirements: list[str]) -> None:
+    """Every requirement pinned in ``name`` at a version it admits, every pin with hashes."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    lock = (ROOT / "requirements.lock").read_text()
+    lock = (ROOT / name).read_text()
     pinned = {
-        canonicalize_name(name): version
-        for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", lock, re.MULTILINE)
+        canonicalize_name(pkg): version
+        for pkg, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", lock, re.MULTILINE)
     }
     for block in re.split(r"\n(?=[A-Za-z])", lock):
         if "==" in block.split("\n")[0]:
             assert "--hash=sha256:" in block, block.split("\n")[0]
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for text in project["dependencies"]:
+    for text in requirements:
         requirement = Requirement(text)
         version = pinned.get(canonicalize_name(requirement.name))
-        assert version is not None, f"{requirement.name} is not in requirements.lock"
+        assert version is not None, f"{requirement.name} is not in {name}"
         assert requirement.specifier.contains(version), f"{requirement.name}=={version}"
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    """requirements.lock (``make lock``) matches pyproject.toml, and the image installs only it."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    _check_lock("requirements.lock", project["dependencies"])
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "--require-hashes --no-deps -r requirements.lock" in dockerfile
     assert re.search(r"^ARG PYTHON_IMAGE=python:[^@\s]+@sha256:[0-9a-f]{64}$", dockerfile, re.M)
@@ -209,3 +214,18 @@ def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
         for line in dockerfile.splitlines()
         if line.startswith("FROM ")
     )
+
+
+def test_make_install_uses_the_dev_lock_with_hashes() -> None:
+    """requirements-dev.lock pins the runtime and development dependencies; ``make install``
+    installs exactly it (hashes required), then the project itself without dependencies."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    _check_lock(
+        "requirements-dev.lock",
+        project["dependencies"] + project["optional-dependencies"]["dev"],
+    )
+    makefile = re.sub(r"\\\n\s*", "", (ROOT / "Makefile").read_text())  # continuation lines
+    assert "--require-hashes --no-deps -r requirements-dev.lock" in makefile
+    assert "--no-deps --no-build-isolation -e ." in makefile
