@@ -19,7 +19,7 @@ from core.settings import Settings
 from service.app import Service, start
 from service.auth import WRITE_METHODS, WritePolicy, bearer_metadata
 from tests.certs import Issued
-from tests.helpers import WRITE_TOKEN, Delta
+from tests.helpers import WRITE_TOKEN, Delta, handled
 from tests.test_tls import Pki
 
 if TYPE_CHECKING:
@@ -64,10 +64,12 @@ async def test_update_without_a_token_is_unauthenticated_and_changes_nothing(
     plain_stub: Stub,
 ) -> None:
     refused = Delta(REFUSED, method="UpdateProduct", reason="missing")
+    counted = handled("UpdateProduct", "UNAUTHENTICATED")  # RED metrics see refusals too
     assert await status(plain_stub.UpdateProduct(rename("anonymous"))) == (
         grpc.StatusCode.UNAUTHENTICATED
     )
     assert refused() == 1
+    assert counted() == 1
     product = await plain_stub.GetProduct(pb.GetProductRequest(id="p0000001"))
     assert product.name != "anonymous"
 
@@ -87,9 +89,11 @@ async def test_a_wrong_or_malformed_token_is_permission_denied(
     plain_stub: Stub, value: str, reason: str
 ) -> None:
     refused = Delta(REFUSED, method="UpdateProduct", reason=reason)
+    counted = handled("UpdateProduct", "PERMISSION_DENIED")
     call = plain_stub.UpdateProduct(rename("intruder"), metadata=(("authorization", value),))
     assert await status(call) == grpc.StatusCode.PERMISSION_DENIED
     assert refused() == 1
+    assert counted() == 1
     product = await plain_stub.GetProduct(pb.GetProductRequest(id="p0000001"))
     assert product.name != "intruder"
 
