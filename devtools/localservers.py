@@ -251,7 +251,7 @@ class PostgresCluster:
             key, _, value = line.partition("=")
             if key.strip() == "port" and value.strip().isdigit():
                 port = int(value)
-                return None if _port_in_use(port) else port
+                return None if port_in_use(port) else port
         return None
 
     def _pid_file_lines(self) -> list[str]:
@@ -368,6 +368,7 @@ def children(pid: int) -> list[int]:
     return [child for child in procs if _stat(child)[1:2] == [str(pid)]]
 
 
-def _port_in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:``port``."""
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0

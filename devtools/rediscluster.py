@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from devtools.localservers import RedisProcess, free_port
+from devtools.localservers import RedisProcess, free_port, port_in_use
 
 # Redis Cluster's bus listens on the client port + 10000.
 _BUS_OFFSET = 10_000
@@ -140,15 +139,6 @@ def _cluster_port() -> int:
     """A free port whose bus port (+10000) is a valid port and free too."""
     for _ in range(1000):
         port = free_port()
-        if port + _BUS_OFFSET <= 65535 and not _in_use(port + _BUS_OFFSET):
+        if port + _BUS_OFFSET <= 65535 and not port_in_use(port + _BUS_OFFSET):
             return port
     raise RuntimeError("no free port pair for a cluster node")
-
-
-def _in_use(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
