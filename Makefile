@@ -156,7 +156,7 @@ clean:
 	-if [ -x $(BIN)/python ] && [ -d .run/postgres ]; then \
 		$(BIN)/python -c 'from pathlib import Path; from devtools.localservers import PostgresCluster as C; C(Path(".run/postgres")).stop()'; \
 	fi
-	rm -rf $(VENV) .run .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
+	rm -rf $(VENV) .run .tools .import_linter_cache .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
 		api/build api/*.egg-info \
 		.coverage .coverage.* htmlcov
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

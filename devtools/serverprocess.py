@@ -1,4 +1,4 @@
-"""``python -m service serve`` as a child process, for tests and benchmarks (never production).
+"""``python -m service`` as a child process, for tests and benchmarks (never production).
 
 The child gets its settings through ``CATALOG_*`` variables and runs in a process group of its
 own, so stopping it also stops the workers it forked (``--workers``).
@@ -65,7 +65,7 @@ def free_port_run(count: int) -> int:
 
 @dataclass
 class ServerProcess:
-    """``python -m service serve`` on free ports, with its metrics endpoint."""
+    """``python -m service`` on free ports, with its metrics endpoint."""
 
     settings: Settings
     port: int = field(default_factory=free_port)

@@ -129,7 +129,8 @@ class ProductWriter:
         return await self._write_through(change.product_id, committed)
 
     async def _commit(self, change: Change) -> bytes:
-        """Commit the change and its event; the product as the transaction wrote it."""
+        """Commit the change (its capture trigger queues the event in the same transaction); the
+        product as the transaction wrote it."""
         t = _products.c
         try:
             async with self.engine.begin() as conn:
