@@ -66,6 +66,8 @@ _NOT_IN_IDS: Final = frozenset("{}")
 # Optional W3C trace context of the write (docs/events.md): exactly this long, lower-case hex.
 TRACEPARENT: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 TRACEPARENT_LENGTH: Final = 55
+# The field the outbox relay sets ("1") on an entry it already applied.
+APPLIED: Final = "applied"
 # products.updated: at most this many comma-separated ids (the triggers write 100 per entry).
 MAX_PRODUCT_IDS: Final = 100
 # price_rule.changed names the rule's scope by the one id field it sets.
@@ -98,6 +100,9 @@ class Event:
     version: int = 0
     traceparent: str = ""
     product_ids: tuple[str, ...] = ()
+    # Set by the outbox relay on entries whose invalidation it applied before the XADD: the
+    # consumer acks them without applying them again (docs/events.md, "The relay's fast path").
+    applied: bool = False
 
 
 def new_event(
@@ -255,6 +260,7 @@ def parse(raw: RawFields | None) -> Event:
         version=_int(raw, "version", required=False, hi=MAX_VERSION),
         traceparent=_traceparent(raw),
         product_ids=product_ids,
+        applied=_text(raw, APPLIED) == "1",
         **ids,
     )
 

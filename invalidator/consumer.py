@@ -52,6 +52,14 @@ Letter = tuple[bytes, RawFields | None, str]
 TRANSIENT = (RedisConnectionError, RedisTimeoutError)
 
 
+async def apply_invalidation(store: CacheStore, invalidation: Invalidation) -> int:
+    """Delete what ``invalidation`` voids; the consumer and the outbox relay's fast path both
+    come here. Returns the number of keys deleted."""
+    n = await store.invalidate(invalidation.tags, invalidation.min_versions)
+    metrics.KEYS_DELETED.inc(n)
+    return n
+
+
 def _describe(exc: Exception) -> str:
     """A bounded, one-line description of an exception (it may go to a dead letter)."""
     detail = " ".join(str(exc).split())[:200]
@@ -280,10 +288,15 @@ class Consumer:
                 dead.append((entry_id, fields, "could not be parsed: " + _describe(exc)))
             else:
                 good.append((entry_id, event))
+        # Entries the outbox relay applied before publishing them are acked as they are.
+        pre_applied = [entry_id for entry_id, event in good if event.applied]
+        if pre_applied:
+            good = [(entry_id, event) for entry_id, event in good if not event.applied]
         # Events carrying a write's trace continue it in a CONSUMER span (none with tracing off).
         with tracing.continued("catalog.invalidate", [e.traceparent for _, e in good]):
             async with self._holding([entry_id for entry_id, _ in entries]):
                 done, failed = await self._invalidate_events(good)
+            done += pre_applied
             limit = self.settings.invalidator_max_deliveries
             raw = dict(entries)
             for entry_id, error in failed:
@@ -299,10 +312,8 @@ class Consumer:
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
     async def invalidate(self, invalidation: Invalidation) -> int:
-        """The one place keys are deleted (a seam for tests that need a slow batch)."""
-        n = await self.store.invalidate(invalidation.tags, invalidation.min_versions)
-        metrics.KEYS_DELETED.inc(n)
-        return n
+        """The one place the consumer deletes keys (a seam for tests that need a slow batch)."""
+        return await apply_invalidation(self.store, invalidation)
 
     async def _invalidate_events(
         self, good: Sequence[tuple[bytes, Event]]

@@ -74,6 +74,11 @@ class InvalidatorSettings:
         lo=1,
         hi=3_600_000,
     )
+    outbox_relay_applies: bool = option(
+        True,
+        "the relay applies each event's invalidation itself before publishing it (the consumer "
+        "then only acks it): one hop less between commit and key gone",
+    )
     outbox_retention_s: float = option(86400.0, "sent outbox rows are deleted after this", lo=1)
     views_flush: bool = option(True, "run the view-counter flusher in the invalidator process")
     views_flush_interval_s: float = option(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from core.metrics import sample_loop_lag, start_metrics_server, watch_pools
 from core.publisher import Publisher
 from core.settings import Settings, otel_environ
 from core.tls import server_credentials
-from invalidator.consumer import Consumer
+from invalidator.consumer import Consumer, apply_invalidation
 from invalidator.health import Health, monitor
 from invalidator.outbox import OutboxRelay
 from invalidator.settings import InvalidatorSettings
@@ -113,6 +114,11 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
                     batch_size=settings.outbox_batch_size,
                     poll_s=settings.outbox_poll_ms / 1000,
                     retention_s=settings.outbox_retention_s,
+                    apply=(
+                        functools.partial(apply_invalidation, store)
+                        if settings.outbox_relay_applies
+                        else None
+                    ),
                 )
                 tasks.create_task(relay.run(stop))
             if settings.views_flush:
