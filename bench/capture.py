@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -47,61 +48,89 @@ BULK = "UPDATE products SET stock = stock + 1"
 
 
 @contextmanager
-def invalidator(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    """One invalidator process (consumer, relay, view flusher) with default settings."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "invalidator"],
-        env=settings_env(settings)
-        | {
-            "CATALOG_INVALIDATOR_METRICS_PORT": str(port),
-            "CATALOG_INVALIDATOR_HEALTH_ADDRESS": "",
-        },
+def invalidators(settings: Settings, split: bool) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One invalidator process (consumer, relay, view flusher) with default settings, or with
+    ``split`` two: a relay-only one and a consumer-only one (docs/operations.md)."""
+    roles = (
+        [{"CATALOG_INVALIDATOR_CONSUME": "false"}, {"CATALOG_OUTBOX_RELAY": "false"}]
+        if split
+        else [{}]
     )
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        wait_for_port(port, timeout=30)
-        yield proc
+        for role in roles:
+            port = free_port()
+            env = settings_env(settings) | role
+            env |= {"CATALOG_INVALIDATOR_METRICS_PORT": str(port)}
+            env |= {"CATALOG_INVALIDATOR_HEALTH_ADDRESS": ""}
+            procs.append(subprocess.Popen([sys.executable, "-m", "invalidator"], env=env))
+            wait_for_port(port, timeout=30)
+        yield procs
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
 
 
 class Deletions:
-    """Keyspace notifications of DEL, timed on arrival (``__keyevent@0__:del``)."""
+    """Key deletions timed by ``python -m bench.deletions``, a process of its own: keyspace
+    notifications of DEL (``__keyevent@0__:del``), read off the load generator's event loop."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, url: str) -> None:
         self.redis = redis
+        self.url = url
         self.gone: dict[bytes, float] = {}
-        self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Deletions:
         await self.redis.config_set("notify-keyspace-events", "Eg")
-        self.pubsub = self.redis.pubsub()
-        await self.pubsub.subscribe("__keyevent@0__:del")
-        self._task = asyncio.create_task(self._listen())
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.deletions", self.url,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        ready = await self.proc.stdout.readline()
+        if ready.strip() != b"ready":
+            raise RuntimeError("the deletion listener did not start")
         return self
 
-    async def _listen(self) -> None:
-        async for message in self.pubsub.listen():
-            if message["type"] == "message":
-                self.gone.setdefault(message["data"], time.perf_counter())
-
     async def wait_for(self, keys: set[bytes], within_s: float) -> None:
+        """Until every key in ``keys`` was deleted or ``within_s`` passed (polls Redis)."""
         deadline = time.perf_counter() + within_s
-        while not keys <= self.gone.keys() and time.perf_counter() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+        pending = list(keys)
+        while pending and time.perf_counter() < deadline:
+            present = await self.redis.exists(*pending[:1000])
+            if present == 0:
+                pending = pending[1000:]
+            else:
+                await asyncio.sleep(0.005)
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await asyncio.sleep(0.2)  # the last notifications reach the listener
+        out, _ = await self.proc.communicate(b"")
+        for line in out.decode().splitlines():
+            at, _, key = line.partition(" ")
+            self.gone[key.encode()] = float(at)
+
+
+@dataclass(frozen=True)
+class RatePhase:
+    """Latencies (s) from COMMIT sent and from COMMIT returned, keys never deleted, and the CPU
+    seconds the invalidator and the load generator used meanwhile."""
+
+    from_sent: list[float]
+    from_returned: list[float]
+    lost: int
+    commits: int
+    invalidator_cpu_s: float
+    generator_cpu_s: float
+    elapsed_s: float
 
 
 async def rate_phase(
-    redis: Redis, settings: Settings, rate: int, seconds: float
-) -> tuple[list[float], list[float], int]:
-    """Commit at ``rate``/s; latencies (s) from COMMIT sent and from COMMIT returned, and how
-    many keys were never deleted."""
+    redis: Redis, settings: Settings, rate: int, seconds: float, invalidator_pids: list[int]
+) -> RatePhase:
+    """Commit at ``rate``/s from ``WRITERS`` connections."""
     keys = Keys(settings.key_namespace)
     n = int(rate * seconds)
     ids = [f"p{i:07d}" for i in range(1, min(n, PRODUCTS) + 1)]
@@ -119,7 +148,8 @@ async def rate_phase(
             sent[keys.product(pid).encode()] = (before, time.perf_counter())
 
     try:
-        async with Deletions(redis) as deletions:
+        async with Deletions(redis, settings.redis_url or "") as deletions:
+            cpu0 = (cpu_seconds(invalidator_pids), time.process_time(), time.perf_counter())
             workers = [asyncio.create_task(writer(c)) for c in conns]
             tick, per_tick = 0.01, max(1, rate // 100)
             start = time.perf_counter()
@@ -131,13 +161,22 @@ async def rate_phase(
                 queue.put_nowait(None)
             await asyncio.gather(*workers)
             await deletions.wait_for(set(sent), within_s=15)
-            gone = deletions.gone
+            cpu1 = (cpu_seconds(invalidator_pids), time.process_time(), time.perf_counter())
     finally:
         for conn in conns:
             await conn.close()
+    gone = deletions.gone
     from_sent = sorted(gone[k] - t[0] for k, t in sent.items() if k in gone)
     from_returned = sorted(gone[k] - t[1] for k, t in sent.items() if k in gone)
-    return from_sent, from_returned, len(sent) - len(from_sent)
+    return RatePhase(
+        from_sent,
+        from_returned,
+        len(sent) - len(from_sent),
+        len(sent),
+        cpu1[0] - cpu0[0],
+        cpu1[1] - cpu0[1],
+        cpu1[2] - cpu0[2],
+    )
 
 
 async def sequential_phase(redis: Redis, settings: Settings, n: int) -> list[float]:
@@ -145,10 +184,10 @@ async def sequential_phase(redis: Redis, settings: Settings, n: int) -> list[flo
     keys = Keys(settings.key_namespace)
     ids = [f"p{i:07d}" for i in range(PRODUCTS - n + 1, PRODUCTS + 1)]
     await cache(redis, keys, ids)
-    latencies = []
+    stamps: list[tuple[bytes, float]] = []
     async with (
         await psycopg.AsyncConnection.connect(libpq_url(settings.database_url)) as conn,
-        Deletions(redis) as deletions,
+        Deletions(redis, settings.redis_url or "") as deletions,
     ):
         for pid in ids:
             key = keys.product(pid).encode()
@@ -156,17 +195,17 @@ async def sequential_phase(redis: Redis, settings: Settings, n: int) -> list[flo
             await conn.commit()
             committed = time.perf_counter()
             await deletions.wait_for({key}, within_s=5)
-            if key in deletions.gone:
-                latencies.append(deletions.gone[key] - committed)
+            stamps.append((key, committed))
+    latencies = [deletions.gone[k] - t for k, t in stamps if k in deletions.gone]
     return sorted(latencies)
 
 
-async def idle_cpu(pid: int, seconds: float) -> float:
-    """Cores the process used over ``seconds`` of nothing to do (after a short settle)."""
+async def idle_cpu(pids: list[int], seconds: float) -> float:
+    """Cores the processes used over ``seconds`` of nothing to do (after a short settle)."""
     await asyncio.sleep(2.0)
-    before = cpu_seconds([pid])
+    before = cpu_seconds(pids)
     await asyncio.sleep(seconds)
-    return (cpu_seconds([pid]) - before) / seconds
+    return (cpu_seconds(pids) - before) / seconds
 
 
 async def bulk_update(redis: Redis, settings: Settings) -> dict[str, float]:
@@ -183,14 +222,14 @@ async def bulk_update(redis: Redis, settings: Settings) -> dict[str, float]:
         ids = [f"p{i:07d}" for i in range(1, PRODUCTS + 1)]
         await cache(redis, keys, ids)
         rows_before = await _outbox_rows(conn)
-        async with Deletions(redis) as deletions:
+        async with Deletions(redis, settings.redis_url or "") as deletions:
             started = time.perf_counter()
             await conn.execute(BULK)
             await conn.commit()
             committed = time.perf_counter()
             out["on_s"] = committed - started
             await deletions.wait_for({keys.product(i).encode() for i in ids}, within_s=120)
-            gone = [deletions.gone.get(keys.product(i).encode()) for i in ids]
+        gone = [deletions.gone.get(keys.product(i).encode()) for i in ids]
         out["outbox_rows"] = await _outbox_rows(conn) - rows_before
         out["lost"] = sum(1 for g in gone if g is None)
         out["all_gone_s"] = max((g for g in gone if g is not None), default=committed) - committed
@@ -203,26 +242,36 @@ async def _outbox_rows(conn: psycopg.AsyncConnection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def run(env: BenchEnv, seconds: float, rate: int = 1000, idle_s: float = IDLE_S) -> list[Row]:
+def run(
+    env: BenchEnv, seconds: float, rate: int = 1000, idle_s: float = IDLE_S, split: bool = True
+) -> list[Row]:
     settings = env.settings()
-    with invalidator(settings) as proc:
-        one, sent, returned, lost, cores, bulk = asyncio.run(
-            _phases(settings, proc.pid, rate, seconds, idle_s)
+    with invalidators(settings, split) as procs:
+        one, load, cores, bulk = asyncio.run(
+            _phases(settings, [p.pid for p in procs], rate, seconds, idle_s)
         )
-    scenario = f"capture, plain UPDATE commits at {rate}/s for {seconds:.0f} s, 1 invalidator"
+    who = "relay + consumer processes" if split else "1 invalidator process"
+    scenario = f"capture, plain UPDATE commits at {rate}/s for {seconds:.0f} s, {who}"
     bulk_scenario = f"capture, one UPDATE of {PRODUCTS // 1000}k products"
-    alone = f"capture, {SEQUENTIAL} plain UPDATE commits one at a time, 1 invalidator"
+    alone = f"capture, {SEQUENTIAL} plain UPDATE commits one at a time, {who}"
     return [
         Row(alone, "commit returned -> key gone p50", percentile(one, 0.5) * 1000, "ms"),
         Row(alone, "commit returned -> key gone p99", percentile(one, 0.99) * 1000, "ms"),
-        Row(scenario, "commit sent -> key gone p50", percentile(sent, 0.5) * 1000, "ms"),
-        Row(scenario, "commit sent -> key gone p99", percentile(sent, 0.99) * 1000, "ms"),
-        Row(scenario, "commit returned -> key gone p50", percentile(returned, 0.5) * 1000, "ms",
-            target="<= 3"),
-        Row(scenario, "commit returned -> key gone p99", percentile(returned, 0.99) * 1000, "ms",
-            target="<= 10"),
-        Row(scenario, "keys never deleted", lost, "keys", target="== 0"),
-        Row(f"capture, idle invalidator for {idle_s:.0f} s", "CPU", cores * 100, "% of a core",
+        Row(scenario, "commit sent -> key gone p50", percentile(load.from_sent, 0.5) * 1000, "ms"),
+        Row(scenario, "commit sent -> key gone p99", percentile(load.from_sent, 0.99) * 1000,
+            "ms"),
+        Row(scenario, "commit returned -> key gone p50",
+            percentile(load.from_returned, 0.5) * 1000, "ms", target="<= 3"),
+        Row(scenario, "commit returned -> key gone p99",
+            percentile(load.from_returned, 0.99) * 1000, "ms", target="<= 10"),
+        Row(scenario, "keys never deleted", load.lost, "keys", target="== 0"),
+        Row(scenario, "invalidator CPU per commit", load.invalidator_cpu_s / load.commits * 1e6,
+            "us"),
+        Row(scenario, "invalidator CPU", load.invalidator_cpu_s / load.elapsed_s * 100,
+            "% of a core"),
+        Row(scenario, "load generator CPU", load.generator_cpu_s / load.elapsed_s * 100,
+            "% of a core"),
+        Row(f"capture, idle {who} for {idle_s:.0f} s", "CPU", cores * 100, "% of a core",
             target="<= 1"),
         Row.vs(bulk_scenario, "statement + commit, capture on (baseline: off)",
                bulk["on_s"] * 1000, "ms", bulk["off_s"] * 1000),
@@ -233,17 +282,17 @@ def run(env: BenchEnv, seconds: float, rate: int = 1000, idle_s: float = IDLE_S)
 
 
 async def _phases(
-    settings: Settings, pid: int, rate: int, seconds: float, idle_s: float
-) -> tuple[list[float], list[float], list[float], int, float, dict[str, float]]:
+    settings: Settings, pids: list[int], rate: int, seconds: float, idle_s: float
+) -> tuple[list[float], RatePhase, float, dict[str, float]]:
     assert settings.redis_url
     redis = Redis.from_url(settings.redis_url)
     try:
         await _wait_ready(redis, Keys(settings.key_namespace))
         one = await sequential_phase(redis, settings, SEQUENTIAL)
-        sent, returned, lost = await rate_phase(redis, settings, rate, seconds)
-        cores = await idle_cpu(pid, idle_s)
+        load = await rate_phase(redis, settings, rate, seconds, pids)
+        cores = await idle_cpu(pids, idle_s)
         bulk = await bulk_update(redis, settings)
-        return one, sent, returned, lost, cores, bulk
+        return one, load, cores, bulk
     finally:
         await redis.aclose()
 
