@@ -28,7 +28,7 @@ The downgrade restores 0005's function (one entry per scope, no ids).
 
 Revision ID: 0006
 Revises: 0005
-Create Date: 2026-12-07
+Create Date: 2026-11-30
 """
 
 from __future__ import annotations
