@@ -10,15 +10,15 @@ Invariants (docs/events.md explains them for operators):
   consumer is never taken over; only a dead or stalled consumer's entries go idle.
 * Each entry is judged alone: a malformed entry, an unknown type, or any exception while parsing
   it goes to the dead-letter stream at once, with its reason, and never takes a neighbour along.
+  A valid entry is always attempted, however often it was delivered; one whose invalidation
+  fails is left pending and dead-lettered only when it fails on its ``max_deliveries``-th
+  delivery. Connection errors and timeouts are nobody's fault: they ack nothing and count
+  against no entry. Nothing blocks the group, and no entry's data can end the loops.
 * A ``price_rule.changed`` that names only a category or brand (no ``product_ids``) is voided by
   product id: its scope's products are looked up in PostgreSQL (:mod:`invalidator.scopes`) and
   invalidated ``CATALOG_INVALIDATOR_RESOLVE_BATCH`` at a time. A consumer without database
   access (``CATALOG_INVALIDATOR_RESOLVE_SCOPES=false``) dead-letters it at once with that reason;
   a failed lookup counts as a failed invalidation of that entry alone.
-  A valid entry is always attempted, however often it was delivered; one whose invalidation
-  fails is left pending and dead-lettered only when it fails on its ``max_deliveries``-th
-  delivery. Connection errors and timeouts are nobody's fault: they ack nothing and count
-  against no entry. Nothing blocks the group, and no entry's data can end the loops.
 * The consumer leaves the group (XGROUP DELCONSUMER, which drops pending entries) only after
   checking it holds none; otherwise it stays registered and others reclaim its entries.
 * The blocking read runs on its own connection whose socket timeout exceeds BLOCK; stopping
