@@ -51,7 +51,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import tracing
 from core.db import libpq_url
-from core.events import APPLIED, Event, Invalidation, ParseError, invalidation_for, parse
+from core.events import (
+    APPLIED,
+    Event,
+    Invalidation,
+    ParseError,
+    invalidation_for,
+    parse,
+    scope_to_resolve,
+)
 from core.outbox import outbox
 from core.publisher import Publisher
 from invalidator import metrics
@@ -273,10 +281,10 @@ class OutboxRelay:
 
     async def _apply(self, rows: Sequence[tuple[int, str, dict[str, str]]]) -> set[int]:
         """The fast path: apply the invalidations of the rows bound for the event stream before
-        they are published; the ids of the rows applied. An entry that does not parse, or a
-        batch whose invalidation fails for a reason other than the connection, is left to the
-        consumer (which retries and dead-letters with the reason); a lost connection aborts the
-        pass, which is retried whole."""
+        they are published; the ids of the rows applied. An entry that does not parse, a
+        ``price_rule.changed`` whose scope needs a lookup, and a batch whose invalidation fails
+        for a reason other than the connection are left to the consumer (which retries and
+        dead-letters with the reason); a lost connection aborts the pass, retried whole."""
         if self.apply is None:
             return set()
         ours = self.publisher.keys.stream
@@ -284,7 +292,9 @@ class OutboxRelay:
         for row_id, stream, fields in rows:
             if stream in ("", ours):
                 with contextlib.suppress(ParseError):
-                    events.append((row_id, parse(fields)))
+                    event = parse(fields)
+                    if scope_to_resolve(event) is None:  # a lookup is the consumer's job
+                        events.append((row_id, event))
         if not events:
             return set()
         try:
