@@ -336,7 +336,7 @@ class OutboxRelay:
             # a flush stalled by other I/O (a checkpoint, CREATE DATABASE) must not hold up the
             # next batch. A crash that loses an acknowledged mark publishes those rows again,
             # which at-least-once delivery allows; the XADDs came before the COMMIT anyway.
-            options="-c synchronous_commit=off",
+            options="-c synchronous_commit=off -c enable_bitmapscan=off",
         )
         try:
             await conn.execute(_LISTEN)

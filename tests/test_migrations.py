@@ -185,3 +185,21 @@ def test_0006_names_a_rules_products_and_its_downgrade_restores_scope_only_entri
     upgrade(empty_database_url)
     [entry] = _rule_entries(empty_database_url, "r3")
     assert sorted(entry["product_ids"].split(",")) == ["p1", "p2"]
+
+
+def test_the_outbox_is_vacuumed_by_row_count_and_downgrade_resets_it(
+    empty_database_url: str,
+) -> None:
+    def options() -> list[str]:
+        with psycopg.connect(libpq_url(empty_database_url)) as conn:
+            row = conn.execute(
+                "SELECT reloptions FROM pg_class WHERE relname = 'outbox'"
+            ).fetchone()
+        assert row is not None
+        return list(row[0] or [])
+
+    upgrade(empty_database_url)
+    assert "autovacuum_vacuum_scale_factor=0" in options()
+    assert "autovacuum_vacuum_threshold=10000" in options()
+    downgrade(empty_database_url, "0006")
+    assert options() == []
