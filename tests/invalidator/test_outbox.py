@@ -180,3 +180,31 @@ async def test_cli_lists_set_aside_rows(
     (line,) = done.stdout.splitlines()
     assert line.startswith(f"{row_id}\t")
     assert "field 'product_id' must be a string, got JSON array" in line
+
+
+async def test_chained_passes_commit_with_the_next_batch_and_publish_each_row_once(
+    db: AsyncEngine, publisher: Publisher, redis: Redis, keys: Keys
+) -> None:
+    """Full batches chain (COMMIT goes with the next BEGIN): every row is still published once,
+    in order, and marked sent by the time the relay waits again."""
+    ids = [f"chained-{n}" for n in range(6)]
+    for product_id in ids:
+        await insert_row(db, to_fields(new_event(PRODUCT_UPDATED, product_id=product_id)))
+    r = relay(db, publisher, batch_size=1, poll_s=3600)
+    stop = asyncio.Event()
+    running = asyncio.create_task(r.run(stop))
+
+    async def all_sent() -> bool:
+        async with db.connect() as conn:
+            unsent = await conn.scalar(
+                sa.select(sa.func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+            )
+        return unsent == 0
+
+    try:
+        await eventually(all_sent, what="every row committed as sent")
+    finally:
+        stop.set()
+        await running
+    assert r.chained >= len(ids) - 1
+    assert [f["product_id"] for f in await stream_fields(redis, keys)] == ids
