@@ -267,7 +267,7 @@ async def _outbox_rows(conn: psycopg.AsyncConnection[Any]) -> int:
 
 
 def run(
-    env: BenchEnv, seconds: float, rate: int = 1000, idle_s: float = IDLE_S, split: bool = True
+    env: BenchEnv, seconds: float, rate: int = 1000, idle_s: float = IDLE_S, split: bool = False
 ) -> list[Row]:
     settings = env.settings()
     with invalidators(settings, split) as procs:
