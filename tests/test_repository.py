@@ -207,8 +207,10 @@ async def test_names_of_categories_and_brands_are_one_statement(
     engine: AsyncEngine, database_url: str
 ) -> None:
     with psycopg.connect(libpq_url(database_url)) as conn:
-        categories = dict(conn.execute("SELECT id, name FROM categories ORDER BY id LIMIT 3"))
-        brands = dict(conn.execute("SELECT id, name FROM brands ORDER BY id LIMIT 2"))
+        rows = conn.execute("SELECT id, name FROM categories ORDER BY id LIMIT 3").fetchall()
+        categories: dict[str, str] = {r[0]: r[1] for r in rows}
+        rows = conn.execute("SELECT id, name FROM brands ORDER BY id LIMIT 2").fetchall()
+        brands: dict[str, str] = {r[0]: r[1] for r in rows}
     repo = Repository(engine)
     before = db_loads("get_names")
     with statements(engine) as seen:
