@@ -30,6 +30,7 @@ def scenarios(quick: bool) -> dict[str, Callable[[BenchEnv], list[Row]]]:
         "capture": lambda env: capture.run(
             env, 5.0 if quick else 20.0, idle_s=10.0 if quick else 30.0
         ),
+        "price_rule": lambda env: capture.run_price_rule(env),
     }
 
 

@@ -14,6 +14,12 @@ a bulk UPDATE costs with the capture triggers.
 3. One ``UPDATE`` of every product (100k) with capture on and, for the baseline, off
    (``SET LOCAL catalog.capture = 'off'``): the statement-and-commit time and the outbox rows it
    wrote; then the time until every one of those products' cached entries is gone.
+
+Scenario ``price_rule`` (:func:`run_price_rule`): a price rule inserted for a category of
+``WIDE`` products (a category of its own, loaded with capture off and removed after), capture on
+and off, ``RULE_REPEATS`` times each: the statement-and-commit time, the outbox rows (the
+trigger names the category's products, 100 per entry), and, with every product of the category
+cached, the time from the commit until all their entries are gone.
 """
 
 from __future__ import annotations
@@ -44,6 +50,13 @@ SEQUENTIAL = 200
 IDLE_S = 30.0
 UPDATE = "UPDATE products SET stock = stock + 1, version = version + 1 WHERE id = %s"
 BULK = "UPDATE products SET stock = stock + 1"
+WIDE = 100_000
+WIDE_CATEGORY = "bench-wide"
+RULE_REPEATS = 5
+RULE = (
+    "INSERT INTO price_rules (id, name, scope, target_id, kind, value, priority) "
+    "VALUES ('bench-wide-rule', 'bench', 'category', 'bench-wide', 'percent_off', 100, 1)"
+)
 
 
 @contextmanager
@@ -258,3 +271,106 @@ async def _wait_ready(redis: Redis, keys: Keys) -> None:
                 return
         await asyncio.sleep(0.05)
     raise TimeoutError("the invalidator did not join the group")
+
+
+def run_price_rule(env: BenchEnv) -> list[Row]:
+    settings = env.settings()
+    with invalidator(settings):
+        out = asyncio.run(_price_rule(settings))
+    scenario = f"capture, a price rule inserted for a category of {WIDE // 1000}k products"
+    return [
+        Row.vs(scenario, "statement + commit, capture on (baseline: off), median",
+               out["on_s"] * 1000, "ms", out["off_s"] * 1000),
+        Row(scenario, "added by the trigger, median", (out["on_s"] - out["off_s"]) * 1000, "ms"),
+        Row(scenario, "outbox rows written", out["outbox_rows"], "rows"),
+        Row(scenario, "commit -> every cached entry of the category gone",
+            out["all_gone_s"] * 1000, "ms"),
+        Row(scenario, "entries still cached after that", out["lost"], "keys", target="== 0"),
+    ]  # fmt: skip
+
+
+async def _price_rule(settings: Settings) -> dict[str, float]:
+    keys = Keys(settings.key_namespace)
+    url = libpq_url(settings.database_url)
+    ids = [f"w{i:07d}" for i in range(1, WIDE + 1)]
+    redis = Redis.from_url(settings.redis_url)
+    out: dict[str, float] = {}
+    try:
+        await _wait_ready(redis, keys)
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            await _wide_category(conn, create=True)
+            timings: dict[bool, list[float]] = {False: [], True: []}
+            for n in range(RULE_REPEATS):
+                for capture in (False, True):
+                    if not capture:
+                        await conn.execute("SET LOCAL catalog.capture = 'off'")
+                    last = capture and n == RULE_REPEATS - 1
+                    if last:  # the category cached, then timed until all of it is gone
+                        await _drained(redis, keys)  # earlier rules' entries applied first
+                        await cache(redis, keys, ids)
+                        rows_before = await _outbox_rows(conn)
+                    async with Deletions(redis) as deletions:
+                        started = time.perf_counter()
+                        await conn.execute(RULE)
+                        await conn.commit()
+                        committed = time.perf_counter()
+                        timings[capture].append(committed - started)
+                        if last:
+                            wanted = {keys.product(i).encode() for i in ids}
+                            await deletions.wait_for(wanted, within_s=120)
+                            gone = [deletions.gone.get(k) for k in wanted]
+                            out["outbox_rows"] = await _outbox_rows(conn) - rows_before
+                            out["lost"] = await _still_cached(redis, keys, ids)
+                            out["all_gone_s"] = (
+                                max((g for g in gone if g is not None), default=committed)
+                                - committed
+                            )
+                    await conn.execute("SET LOCAL catalog.capture = 'off'")
+                    await conn.execute("DELETE FROM price_rules WHERE id = 'bench-wide-rule'")
+                    await conn.commit()
+            await _wide_category(conn, create=False)
+        out["off_s"] = percentile(sorted(timings[False]), 0.5)
+        out["on_s"] = percentile(sorted(timings[True]), 0.5)
+    finally:
+        await redis.aclose()
+    return out
+
+
+async def _still_cached(redis: Redis, keys: Keys, ids: list[str]) -> int:
+    n = 0
+    for k in range(0, len(ids), 1000):
+        n += int(await redis.exists(*(keys.product(i) for i in ids[k : k + 1000])))
+    return n
+
+
+async def _drained(redis: Redis, keys: Keys) -> None:
+    """Until the group has read and acked every entry of the stream."""
+    deadline = time.perf_counter() + 120
+    while time.perf_counter() < deadline:
+        [group] = await redis.xinfo_groups(keys.stream)
+        if group["lag"] == 0 and group["pending"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the invalidator did not catch up")
+
+
+async def _wide_category(conn: psycopg.AsyncConnection[Any], *, create: bool) -> None:
+    """Add (or remove) the category of WIDE products, with capture off: no cache has seen it."""
+    await conn.execute("SET LOCAL catalog.capture = 'off'")
+    await conn.execute("DELETE FROM price_rules WHERE id = 'bench-wide-rule'")
+    await conn.execute("DELETE FROM products WHERE category_id = %s", (WIDE_CATEGORY,))
+    await conn.execute("DELETE FROM categories WHERE id = %s", (WIDE_CATEGORY,))
+    if create:
+        await conn.execute(
+            "INSERT INTO categories (id, name) VALUES (%s, 'Wide')", (WIDE_CATEGORY,)
+        )
+        await conn.execute(
+            "INSERT INTO products (id, sku, name, category_id, brand_id, price_minor, currency, "
+            "stock) SELECT 'w' || lpad(n::text, 7, '0'), 'SKU-w' || n, 'Wide', %s, "
+            "(SELECT min(id) FROM brands), 1000, 'USD', 1 FROM generate_series(1, %s) AS n",
+            (WIDE_CATEGORY, WIDE),
+        )
+    await conn.commit()
+    if create:
+        await conn.execute("ANALYZE products")
+        await conn.commit()

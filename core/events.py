@@ -7,9 +7,12 @@ Pure functions, no I/O. Invariants:
   Every field is bounded before it is used: the whole entry by size and field count, integers by
   digit count and range (before ``int()``), ids and ``event_id`` by length and characters. Unknown
   extra fields are tolerated inside those bounds and never decoded.
-* :func:`tags_for` is total over parsed events: every event of a known type maps to at least one
-  tag, and applying the same tags twice deletes nothing more (invalidation is idempotent, so no
-  de-duplication by ``event_id`` is needed for it).
+* :func:`tags_for` maps every parsed event to at least one tag, and applying the same tags twice
+  deletes nothing more (invalidation is idempotent, so no de-duplication by ``event_id`` is
+  needed for it). The one exception is named by :func:`scope_to_resolve`: a
+  ``price_rule.changed`` of category or brand scope without ``product_ids`` (an outside
+  publisher's) must first be resolved to product ids in PostgreSQL; :func:`tags_for` raises
+  :class:`Unresolved` for it rather than void nothing.
 * ``to_fields(parse(f)) == f`` for every valid ``f`` without extra fields: what a publisher writes
   is what the consumer reads.
 """
@@ -68,8 +71,12 @@ TRACEPARENT: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 TRACEPARENT_LENGTH: Final = 55
 # products.updated: at most this many comma-separated ids (the triggers write 100 per entry).
 MAX_PRODUCT_IDS: Final = 100
-# price_rule.changed names the rule's scope by the one id field it sets.
+# price_rule.changed names the rule's scope by the one id field it sets; it may carry the
+# product ids the scope covers (the capture triggers always do), up to MAX_PRODUCT_IDS.
 RULE_SCOPES: Final = ("product_id", "category_id", "brand_id")
+# The kinds of scope a consumer resolves to product ids (Scope.kind).
+CATEGORY: Final = "category"
+BRAND: Final = "brand"
 
 # A stream entry's fields as redis-py returns them (bytes) or as a publisher builds them (str).
 RawFields = Mapping[Any, bytes | str]
@@ -81,6 +88,11 @@ class ParseError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Unresolved(ValueError):
+    """:func:`tags_for` of an event whose products must be looked up first
+    (:func:`scope_to_resolve`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +243,7 @@ def parse(raw: RawFields | None) -> Event:
             f"got {event_id[:40]!r}"
         )
     ids = {name: _text(raw, name) for name in ID_FIELDS}
-    product_ids = _id_list(raw) if kind == PRODUCTS_UPDATED else ()
+    product_ids = _id_list(raw) if kind in (PRODUCTS_UPDATED, PRICE_RULE_CHANGED) else ()
     for name in REQUIRED[kind]:
         if not (product_ids if name == "product_ids" else ids[name]):
             raise ParseError(f"{kind} requires field {name!r}")
@@ -275,8 +287,9 @@ def valid_traceparent(text: str) -> bool:
 
 
 def _id_list(raw: RawFields) -> tuple[str, ...]:
-    """``product_ids``: 1 to MAX_PRODUCT_IDS comma-separated ids. The entry's size was checked
-    first (MAX_ENTRY_BYTES), so the split is over a few kilobytes at most."""
+    """``product_ids`` (products.updated, price_rule.changed): 1 to MAX_PRODUCT_IDS
+    comma-separated ids; empty or absent gives (). The entry's size was checked first
+    (MAX_ENTRY_BYTES), so the split is over a few kilobytes at most."""
     text = _text(raw, "product_ids")
     if not text:
         return ()
@@ -289,8 +302,28 @@ def _id_list(raw: RawFields) -> tuple[str, ...]:
     return ids
 
 
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A category or brand whose products an event covers without naming them."""
+
+    kind: str  # CATEGORY or BRAND
+    id: str
+
+
+def scope_to_resolve(event: Event) -> Scope | None:
+    """The scope of a ``price_rule.changed`` that names a category or brand and no
+    ``product_ids``: the consumer looks up that scope's products and voids them by id. None for
+    every other event (its tags are all in :func:`tags_for`)."""
+    if event.type != PRICE_RULE_CHANGED or event.product_ids or event.product_id:
+        return None
+    if event.category_id:
+        return Scope(CATEGORY, event.category_id)
+    return Scope(BRAND, event.brand_id)
+
+
 def tags_for(event: Event) -> set[Tag]:
-    """The tags an event voids (DESIGN section 6)."""
+    """The tags an event voids (DESIGN section 6); :class:`Unresolved` for an event whose
+    products must be looked up first (:func:`scope_to_resolve`)."""
     kind = event.type
     if kind == PRODUCT_UPDATED:
         tags = {Tag.product(event.product_id)}
@@ -315,13 +348,20 @@ def tags_for(event: Event) -> set[Tag]:
     if kind == PRODUCTS_UPDATED:
         return {Tag.product(i) for i in event.product_ids}
     if kind == PRICE_RULE_CHANGED:
-        # The products the rule applies to: by id, or every cached product entry of the
-        # category or brand (those tags also bump the generation, refusing fills in flight).
+        # The products the rule applies to, by id only (no category or brand tag set: the
+        # Redis Cluster format has none). A product-scope rule names its product; a category
+        # or brand scope comes with its products' ids, or is resolved to them by the consumer.
+        tags = {Tag.product(i) for i in event.product_ids}
         if event.product_id:
-            return {Tag.product(event.product_id)}
-        if event.category_id:
-            return {Tag.category(event.category_id)}
-        return {Tag.brand(event.brand_id)}
+            tags.add(Tag.product(event.product_id))
+        if not tags:
+            scope = scope_to_resolve(event)
+            assert scope is not None  # parse() requires exactly one scope field
+            raise Unresolved(
+                f"{kind} of {scope.kind} {scope.id!r} without product_ids: its products must "
+                "be looked up first"
+            )
+        return tags
     raise ParseError(f"unknown event type {kind!r}")  # unreachable for parsed events
 
 

@@ -14,6 +14,11 @@ Invariants (docs/events.md explains them for operators):
   fails is left pending and dead-lettered only when it fails on its ``max_deliveries``-th
   delivery. Connection errors and timeouts are nobody's fault: they ack nothing and count
   against no entry. Nothing blocks the group, and no entry's data can end the loops.
+* A ``price_rule.changed`` that names only a category or brand (no ``product_ids``) is voided by
+  product id: its scope's products are looked up in PostgreSQL (:mod:`invalidator.scopes`) and
+  invalidated ``CATALOG_INVALIDATOR_RESOLVE_BATCH`` at a time. A consumer without database
+  access (``CATALOG_INVALIDATOR_RESOLVE_SCOPES=false``) dead-letters it at once with that reason;
+  a failed lookup counts as a failed invalidation of that entry alone.
 * The consumer leaves the group (XGROUP DELCONSUMER, which drops pending entries) only after
   checking it holds none; otherwise it stays registered and others reclaim its entries.
 * The blocking read runs on its own connection whose socket timeout exceeds BLOCK; stopping
@@ -38,10 +43,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import tracing
 from core.cache.store import CacheStore
-from core.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
-from core.keys import Keys
+from core.events import (
+    Event,
+    Invalidation,
+    ParseError,
+    RawFields,
+    Scope,
+    invalidation_for,
+    parse,
+    scope_to_resolve,
+)
+from core.keys import Keys, Tag
 from invalidator import metrics
 from invalidator.deadletter import dead_letter_fields
+from invalidator.scopes import ScopeResolver
 from invalidator.settings import InvalidatorSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +65,14 @@ Entry = tuple[bytes, RawFields | None]
 Letter = tuple[bytes, RawFields | None, str]
 # Failures of the connection, not of an entry: they propagate, and nothing is acked.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError)
+
+
+def _no_database(event: Event, scope: Scope) -> str:
+    return (
+        f"{event.type} names {scope.kind} {scope.id[:40]!r} without product_ids, and this "
+        "invalidator does not look products up in PostgreSQL "
+        "(CATALOG_INVALIDATOR_RESOLVE_SCOPES=false): re-drive it where one does"
+    )
 
 
 def _describe(exc: Exception) -> str:
@@ -89,15 +112,18 @@ class Consumer:
         keys: Keys,
         settings: InvalidatorSettings,
         name: str,
+        scopes: ScopeResolver | None = None,
     ) -> None:
         """``reader`` is used only for the blocking XREADGROUP; its socket timeout must exceed
-        BLOCK (:attr:`InvalidatorSettings.read_timeout_s`)."""
+        BLOCK (:attr:`InvalidatorSettings.read_timeout_s`). ``scopes`` looks up the products of a
+        category or brand; without it, events that need one are dead-lettered."""
         self.redis = redis
         self.reader = reader
         self.store = store
         self.keys = keys
         self.settings = settings
         self.name = name
+        self.scopes = scopes
         self.stats = Stats()
         self.ready = False
         self._stopping = asyncio.Event()
@@ -269,21 +295,40 @@ class Consumer:
         and ack in one MULTI. ``deliveries``: delivery counts (1 when absent: a first read)."""
         started = time.perf_counter()
         good: list[tuple[bytes, Event]] = []
+        scoped: list[tuple[bytes, Scope]] = []
         dead: list[Letter] = []
         for entry_id, fields in entries:
             try:
                 event = parse(fields)
-                invalidation_for([event])  # a mapping error is this entry's, not the batch's
+                scope = scope_to_resolve(event)
+                if scope is None:
+                    invalidation_for([event])  # a mapping error is this entry's, not the batch's
             except ParseError as exc:
                 dead.append((entry_id, fields, exc.reason))
             except Exception as exc:
                 dead.append((entry_id, fields, "could not be parsed: " + _describe(exc)))
             else:
+                if scope is not None and self.scopes is None:
+                    dead.append((entry_id, fields, _no_database(event, scope)))
+                    continue
                 good.append((entry_id, event))
+                if scope is not None:
+                    scoped.append((entry_id, scope))
         # Events carrying a write's trace continue it in a CONSUMER span (none with tracing off).
         with tracing.continued("catalog.invalidate", [e.traceparent for _, e in good]):
             async with self._holding([entry_id for entry_id, _ in entries]):
-                done, failed = await self._invalidate_events(good)
+                in_scope = {entry_id for entry_id, _ in scoped}
+                done, failed = await self._invalidate_events(
+                    [(entry_id, e) for entry_id, e in good if entry_id not in in_scope]
+                )
+                for entry_id, scope in scoped:
+                    try:
+                        await self.invalidate_scope(scope)
+                        done.append(entry_id)
+                    except TRANSIENT:
+                        raise
+                    except Exception as exc:
+                        failed.append(self._count_failed(entry_id, exc))
             limit = self.settings.invalidator_max_deliveries
             raw = dict(entries)
             for entry_id, error in failed:
@@ -302,6 +347,18 @@ class Consumer:
         """The one place keys are deleted (a seam for tests that need a slow batch)."""
         n = await self.store.invalidate(invalidation.tags, invalidation.min_versions)
         metrics.KEYS_DELETED.inc(n)
+        return n
+
+    async def invalidate_scope(self, scope: Scope) -> int:
+        """Void every product of ``scope`` by id: one lookup, one INVALIDATE per batch of ids."""
+        assert self.scopes is not None
+        n = products = 0
+        batches = self.scopes.product_ids(scope, self.settings.invalidator_resolve_batch)
+        async with contextlib.aclosing(batches):
+            async for ids in batches:
+                products += len(ids)
+                n += await self.invalidate(Invalidation(frozenset(map(Tag.product, ids)), {}))
+        log.info("%s %s: %d products looked up, %d keys deleted", scope.kind, scope.id, products, n)
         return n
 
     async def _invalidate_events(

@@ -60,6 +60,14 @@ class InvalidatorSettings:
         5.0, "how often group lag/pending are sampled", lo=0.1
     )
     invalidator_consume: bool = option(True, "run the consumer loop (false: relay only)")
+    invalidator_resolve_scopes: bool = option(
+        True,
+        "look up in PostgreSQL the products of a price_rule.changed naming only a category or "
+        "brand; false (no database access): dead-letter such events",
+    )
+    invalidator_resolve_batch: int = option(
+        1000, "product ids per INVALIDATE call when a scope is looked up", lo=1, hi=10_000
+    )
     invalidator_metrics_port: int = option(9465, "Prometheus port; 0 disables", lo=0, hi=65535)
     invalidator_health_address: str = option(
         "127.0.0.1:50052", "host:port of grpc.health.v1; empty disables"
@@ -88,6 +96,11 @@ class InvalidatorSettings:
         for name in ("invalidator_stream", "invalidator_group", "invalidator_consumer"):
             if any(c.isspace() for c in getattr(self, name)):
                 raise SettingsError(f"{PREFIX}{name.upper()} must not contain spaces")
+
+    @property
+    def resolves_scopes(self) -> bool:
+        """The consumer looks up the products of a category or brand in PostgreSQL."""
+        return self.invalidator_consume and self.invalidator_resolve_scopes
 
     @property
     def heartbeat_s(self) -> float:

@@ -26,6 +26,7 @@ from core.tls import server_credentials
 from invalidator.consumer import Consumer
 from invalidator.health import Health, monitor
 from invalidator.outbox import OutboxRelay
+from invalidator.scopes import DatabaseScopes
 from invalidator.settings import InvalidatorSettings
 from invalidator.viewflush import ViewFlusher
 
@@ -74,8 +75,23 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
     store = CacheStore(
         redis, keys, lease_ttl_ms=base.lease_ttl_ms, tag_margin_ms=int(base.tag_ttl_margin_s * 1000)
     )
+    engine = None
+    if settings.outbox_relay or settings.views_flush or settings.resolves_scopes:
+        from core.db import create_engine
+
+        engine = create_engine(base)  # connects on first use
+        tracing.instrument_engine(engine)  # no-op unless tracing is on
+        watch_pools(engine)
     consumer = (
-        Consumer(redis, reader, store, keys, settings, settings.consumer_name())
+        Consumer(
+            redis,
+            reader,
+            store,
+            keys,
+            settings,
+            settings.consumer_name(),
+            DatabaseScopes(engine) if engine is not None and settings.resolves_scopes else None,
+        )
         if settings.invalidator_consume
         else None
     )
@@ -93,18 +109,11 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop)
-    engine = None
     clean = True
     try:
         start_metrics_server(settings.invalidator_metrics_port, base.metrics_address)
         await health.start(settings.invalidator_health_address, server_credentials(base))
         async with asyncio.TaskGroup() as tasks:
-            if settings.outbox_relay or settings.views_flush:
-                from core.db import create_engine
-
-                engine = create_engine(base)
-                tracing.instrument_engine(engine)  # no-op unless tracing is on
-                watch_pools(engine)
             if settings.outbox_relay:
                 assert engine is not None
                 relay = OutboxRelay(

@@ -59,7 +59,11 @@ def register(subparsers: Any) -> None:
     pub.add_argument("type", choices=EVENT_TYPES)
     for name in ID_FIELDS:
         pub.add_argument("--" + name.replace("_", "-"), default="", dest=name)
-    pub.add_argument("--product-ids", default="", help="products.updated: comma-separated ids")
+    pub.add_argument(
+        "--product-ids",
+        default="",
+        help="products.updated, price_rule.changed: comma-separated ids",
+    )
     pub.add_argument("--version", type=int, default=0)
     pub.set_defaults(handler=_publish)
 

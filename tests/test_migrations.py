@@ -151,3 +151,37 @@ def test_schema_rejects_invalid_price_rules(
     _execute(empty_database_url, "DELETE FROM price_rules")
     with pytest.raises(psycopg.errors.CheckViolation):
         _execute(empty_database_url, VALID_RULE.format(**{**GOOD_RULE, **change}))
+
+
+def _rule_entries(url: str, rule_id: str) -> list[dict[str, str]]:
+    """Insert a category-scope rule; the fields of the price_rule.changed rows it queued."""
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO price_rules (id, name, scope, target_id, kind, value, priority) "
+            f"VALUES ('{rule_id}', 'n', 'category', 'c', 'percent_off', 100, 1)"
+        )
+        rows = conn.execute(
+            "DELETE FROM outbox WHERE fields->>'type' = 'price_rule.changed' RETURNING fields"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_0006_names_a_rules_products_and_its_downgrade_restores_scope_only_entries(
+    empty_database_url: str,
+) -> None:
+    upgrade(empty_database_url)
+    _execute(empty_database_url, "INSERT INTO categories (id, name) VALUES ('c', 'C')")
+    _execute(empty_database_url, "INSERT INTO brands (id, name) VALUES ('b', 'B')")
+    for pid in ("p1", "p2"):
+        _execute(empty_database_url, VALID_PRODUCT.format(**{**GOOD_PRODUCT, "id": pid}))
+    [entry] = _rule_entries(empty_database_url, "r1")
+    assert (entry["category_id"], sorted(entry["product_ids"].split(","))) == ("c", ["p1", "p2"])
+
+    downgrade(empty_database_url, "0005")
+    assert current(empty_database_url) == "0005"
+    [entry] = _rule_entries(empty_database_url, "r2")
+    assert entry["category_id"] == "c" and "product_ids" not in entry
+
+    upgrade(empty_database_url)
+    [entry] = _rule_entries(empty_database_url, "r3")
+    assert sorted(entry["product_ids"].split(",")) == ["p1", "p2"]

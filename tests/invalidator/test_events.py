@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 from core.events import (
+    BRAND,
     BRAND_UPDATED,
+    CATEGORY,
     CATEGORY_UPDATED,
     MAX_PRODUCT_IDS,
     PRICE_RULE_CHANGED,
@@ -16,9 +18,12 @@ from core.events import (
     PRODUCT_UPDATED,
     PRODUCTS_UPDATED,
     ParseError,
+    Scope,
+    Unresolved,
     invalidation_for,
     new_event,
     parse,
+    scope_to_resolve,
     tags_for,
     to_fields,
 )
@@ -273,18 +278,61 @@ def test_products_updated_bounds_its_id_list(product_ids: str, reason: str) -> N
         parse(fields(type=PRODUCTS_UPDATED, product_ids=product_ids))
 
 
+def test_price_rule_changed_voids_its_product_ids_and_never_a_category_or_brand_tag() -> None:
+    # As the capture triggers write it: the scope for information, the products it covers.
+    event = new_event(PRICE_RULE_CHANGED, category_id="c1", product_ids=("p1", "p2"))
+    assert parse(to_fields(event)) == event
+    assert tags_for(event) == {Tag.product("p1"), Tag.product("p2")}
+    assert scope_to_resolve(event) is None
+    assert invalidation_for([event]).min_versions == {}  # no version: deleted outright
+    brand = parse(fields(type=PRICE_RULE_CHANGED, brand_id="b1", product_ids="p3"))
+    assert tags_for(brand) == {Tag.product("p3")}
+    product = parse(fields(type=PRICE_RULE_CHANGED, product_id="p1"))  # an outside publisher's
+    assert tags_for(product) == {Tag.product("p1")} and scope_to_resolve(product) is None
+
+
 @pytest.mark.parametrize(
-    ("ids", "tag"),
+    ("ids", "scope"),
     [
-        ({"product_id": "p1"}, Tag.product("p1")),
-        ({"category_id": "c1"}, Tag.category("c1")),
-        ({"brand_id": "b1"}, Tag.brand("b1")),
+        ({"category_id": "c1"}, Scope(CATEGORY, "c1")),
+        ({"brand_id": "b1"}, Scope(BRAND, "b1")),
+        ({"brand_id": "b1", "product_ids": ""}, Scope(BRAND, "b1")),  # empty counts as absent
     ],
 )
-def test_price_rule_changed_voids_the_rules_scope(ids: dict[str, str], tag: Tag) -> None:
+def test_price_rule_changed_of_a_scope_without_ids_must_be_resolved_first(
+    ids: dict[str, str], scope: Scope
+) -> None:
     event = parse(fields(type=PRICE_RULE_CHANGED, **ids))
-    assert tags_for(event) == {tag}
-    assert invalidation_for([event]).min_versions == {}
+    assert scope_to_resolve(event) == scope
+    with pytest.raises(Unresolved, match="without product_ids"):
+        tags_for(event)  # never an empty set: nothing may be dropped silently
+    with pytest.raises(Unresolved):
+        invalidation_for([event])
+
+
+@pytest.mark.parametrize(
+    ("product_ids", "reason"),
+    [
+        (",".join(f"p{n}" for n in range(MAX_PRODUCT_IDS + 1)), r"names 101 ids \(at most 100\)"),
+        ("p1,,p2", "invalid id: ''"),
+        ("p1,", "invalid id: ''"),
+        ("p1,p 2", "invalid id: 'p 2'"),
+        ("p1,{p2}", "invalid id: '{p2}'"),
+        ("p1," + "x" * 200, "invalid id"),
+        ("x" * 100_000, r"entry is \d+ bytes \(max"),  # the entry's size is checked first
+    ],
+)
+def test_price_rule_changed_bounds_its_id_list_like_products_updated(
+    product_ids: str, reason: str
+) -> None:
+    with pytest.raises(ParseError, match=reason):
+        parse(fields(type=PRICE_RULE_CHANGED, category_id="c1", product_ids=product_ids))
+
+
+def test_price_rule_changed_takes_up_to_100_of_the_longest_ids() -> None:
+    ids = ",".join(f"{n:064d}" for n in range(MAX_PRODUCT_IDS))  # what the schema allows
+    event = parse(fields(type=PRICE_RULE_CHANGED, category_id="c" * 128, product_ids=ids))
+    assert len(event.product_ids) == MAX_PRODUCT_IDS
 
 
 @pytest.mark.parametrize("ids", [{}, {"category_id": "c1", "brand_id": "b1"}])

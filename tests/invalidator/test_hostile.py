@@ -25,6 +25,11 @@ def hostile(**fields: Any) -> dict[Any, Any]:
     return {**BASE, "product_id": "h", **fields}
 
 
+def rule(**fields: Any) -> dict[Any, Any]:
+    """A price_rule.changed as the capture triggers write it, but for ``fields``."""
+    return {**BASE, "type": "price_rule.changed", "category_id": "c1", **fields}
+
+
 # (what, the entry's fields, a part of the dead letter's reason)
 HOSTILE: list[tuple[str, dict[Any, Any], str]] = [
     ("occurred_at of 400 nines", hostile(occurred_at="9" * 400), "at most 15 digits"),
@@ -41,6 +46,15 @@ HOSTILE: list[tuple[str, dict[Any, Any], str]] = [
     ("missing event_id", {"schema": "1", "type": "product.updated"}, "missing field 'event_id'"),
     ("unknown type", hostile(type="product.exploded"), "unknown event type"),
     ("half move", hostile(previous_category_id="c1"), "requires field 'category_id'"),
+    (
+        "price rule naming 101 products",
+        rule(product_ids=",".join(f"p{n}" for n in range(101))),
+        "names 101 ids (at most 100)",
+    ),
+    ("price rule with an empty id", rule(product_ids="p1,,p2"), "holds an invalid id: ''"),
+    ("price rule with a spaced id", rule(product_ids="p1,p 2"), "holds an invalid id: 'p 2'"),
+    ("price rule with a braced id", rule(product_ids="{p1}"), "holds an invalid id: '{p1}'"),
+    ("price rule of two scopes", rule(brand_id="b1", product_ids="p1"), "exactly one of"),
 ]
 
 

@@ -15,10 +15,11 @@ import pytest
 from redis.asyncio import Redis
 
 from core.cache.store import CacheStore
-from core.events import PRODUCT_UPDATED, new_event
+from core.events import PRICE_RULE_CHANGED, PRODUCT_UPDATED, new_event
 from core.keys import Keys
 from core.publisher import Publisher
 from core.settings import Settings
+from invalidator.deadletter import list_dead_letters
 from tests.helpers import eventually
 from tests.invalidator.conftest import exists, fill, group_info
 
@@ -193,3 +194,53 @@ async def test_process_survives_hostile_entries_and_applies_the_valid_ones(
     await eventually(lambda: drained(redis, keys, len(hostile) + 2), what="later event acked")
     assert await exists(redis, keys.product("after")) == [False]
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("resolve", ["true", "false"])
+async def test_a_consumer_only_process_looks_up_a_scope_only_rule_or_sets_it_aside(
+    resolve: str,
+    processes: Processes,
+    store: CacheStore,
+    publisher: Publisher,
+    redis: Redis,
+    keys: Keys,
+    database_url: str,
+) -> None:
+    """No relay, no view flusher: the process has a database only to look up the products of a
+    price rule that names a category alone; told it has none, it dead-letters such a rule."""
+    import sqlalchemy as sa
+
+    from core.db import create_engine
+
+    engine = create_engine(Settings.from_env({}, database_url=database_url))
+    try:
+        async with engine.connect() as conn:
+            covered = list(
+                (
+                    await conn.execute(
+                        sa.text("SELECT id FROM products WHERE category_id = 'c00005'")
+                    )
+                ).scalars()
+            )
+    finally:
+        await engine.dispose()
+    assert covered
+    for pid in [*covered, "bystander"]:
+        await fill(store, keys.product(pid))
+    await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    await publisher.publish(new_event(PRICE_RULE_CHANGED, category_id="c00005"))
+    processes.start(
+        "consumer-only",
+        CATALOG_DATABASE_URL=database_url,
+        CATALOG_VIEWS_FLUSH="false",
+        CATALOG_INVALIDATOR_RESOLVE_SCOPES=resolve,
+    )
+    await eventually(lambda: drained(redis, keys, 1), timeout=60, what="the rule handled")
+    still = await exists(redis, *(keys.product(pid) for pid in covered))
+    letters = await list_dead_letters(redis, keys)
+    if resolve == "true":
+        assert (still, letters) == ([False] * len(covered), [])
+    else:
+        assert still == [True] * len(covered)
+        assert "CATALOG_INVALIDATOR_RESOLVE_SCOPES=false" in letters[0].reason
+    assert await exists(redis, keys.product("bystander")) == [True]
