@@ -28,12 +28,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import metrics
+from core.cache.entry import HEADER_LEN
 from core.db import is_connection_error
 from core.keys import BRAND_NAME, CATEGORY_NAME
 from core.repository import Names, brand_fragment, category_fragment
@@ -79,6 +80,36 @@ class NameTable:
         return self._clock()
 
     # -- serving -----------------------------------------------------------------------------
+
+    def complete(self, raw: bytes) -> bytes | None:
+        """A cached product entry (header included) as served: its ``Product`` bytes followed by
+        both name fragments, if both are held and fresh; None sends the caller to
+        :meth:`fragments`. Two searches, dictionary lookups and one copy: the hit path."""
+        i = raw.index(b"\n", HEADER_LEN)
+        j = raw.index(b"\n", i + 1)
+        c = self._tables[CATEGORY].get(raw[HEADER_LEN:i])
+        b = self._tables[BRAND].get(raw[i + 1 : j])
+        if c is None or b is None:
+            return None
+        oldest = self._clock() - self._ttl
+        if c[1] <= oldest or b[1] <= oldest:
+            return None
+        return b"".join((raw[j + 1 :], c[0], b[0]))
+
+    def complete_all(self, raws: Iterable[bytes]) -> list[bytes] | None:
+        """:meth:`complete` of every entry, or None as soon as one needs a load."""
+        categories, brands = self._tables
+        oldest = self._clock() - self._ttl
+        out = []
+        for raw in raws:
+            i = raw.index(b"\n", HEADER_LEN)
+            j = raw.index(b"\n", i + 1)
+            c = categories.get(raw[HEADER_LEN:i])
+            b = brands.get(raw[i + 1 : j])
+            if c is None or b is None or c[1] <= oldest or b[1] <= oldest:
+                return None
+            out.append(b"".join((raw[j + 1 :], c[0], b[0])))
+        return out
 
     def pair(self, category_id: bytes, brand_id: bytes) -> tuple[bytes, bytes] | None:
         """Both fragments if both are fresh (the hit path); None sends the caller to

@@ -99,7 +99,7 @@ class Reader:
                 if value:
                     _HIT["get"].inc()
                     self._refresh_product_if_due(product_id, value)
-                    return self._named(value) or (await self._with_names({"": value}))[""]
+                    return self.names.complete(value) or (await self._with_names({"": value}))[""]
                 if value is not None:
                     _NEG["get"].inc()
                     return None
@@ -209,24 +209,18 @@ class Reader:
 
     # -- names ---------------------------------------------------------------------------------
 
-    def _named(self, value: bytes) -> bytes | None:
-        """A cached product entry served with its name fragments, if both are in the table and
-        fresh: byte concatenation, no decode. None when a name must be loaded first."""
-        category, brand, start = entry.product_parts(value)
-        fragments = self.names.pair(category, brand)
-        if fragments is None:
-            return None
-        return b"".join((memoryview(value)[start:], *fragments))
-
     async def _with_names(self, values: dict[str, bytes]) -> dict[str, bytes]:
-        """Cached product entries served with their names, loading every missing name of the
-        request in one query."""
+        """Cached product entries served with their names (byte concatenation, no decode),
+        loading every missing name of the request in one query."""
+        named = self.names.complete_all(values.values())
+        if named is not None:
+            return dict(zip(values, named, strict=True))
         parts = {k: entry.product_parts(v) for k, v in values.items()}
         categories, brands = await self.names.fragments(
             {c for c, _, _ in parts.values()}, {b for _, b, _ in parts.values()}
         )
         return {
-            k: b"".join((memoryview(values[k])[start:], categories.get(c, b""), brands.get(b, b"")))
+            k: b"".join((values[k][start:], categories.get(c, b""), brands.get(b, b"")))
             for k, (c, b, start) in parts.items()
         }
 
@@ -234,7 +228,7 @@ class Reader:
         """A product entry found while filling (ACQUIRE, or a watched fill): None if negative."""
         if not value:
             return None
-        return self._named(value) or (await self._with_names({"": value}))[""]
+        return self.names.complete(value) or (await self._with_names({"": value}))[""]
 
     # -- ListProducts -------------------------------------------------------------------------
 
