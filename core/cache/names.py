@@ -112,8 +112,7 @@ class NameTable:
         return out
 
     def pair(self, category_id: bytes, brand_id: bytes) -> tuple[bytes, bytes] | None:
-        """Both fragments if both are fresh (the hit path); None sends the caller to
-        :meth:`fragments`."""
+        """Both fragments by id, if both are held and fresh (what :meth:`complete` serves)."""
         c = self._tables[CATEGORY].get(category_id)
         b = self._tables[BRAND].get(brand_id)
         if c is None or b is None:
