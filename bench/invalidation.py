@@ -1,9 +1,10 @@
 """Invalidation: ``product.updated`` published at a fixed rate, and a backlog drained flat out.
 
-Every event names a product whose entry is cached (written here the way a fill leaves it: the
-entry in its ``product:<id>`` tag set). Redis keyspace notifications report each entry's deletion
-to this process, which also timed the XADD, so "XADD -> key gone" is measured on one clock. Then
-a backlog is added at once and each invalidator's processed-events counter gives its rate.
+Every event names a product whose entry is cached (written here the way a fill leaves it; a
+product's key is derived from the event's id, so no set indexes it). Redis keyspace
+notifications report each entry's deletion to this process, which also timed the XADD, so
+"XADD -> key gone" is measured on one clock. Then a backlog is added at once and each
+invalidator's processed-events counter gives its rate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from bench.measure import percentile
 from bench.report import Row
 from core.cache import entry
 from core.events import PRODUCT_UPDATED, new_event
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.publisher import Publisher
 from core.settings import Settings
 from devtools.localservers import free_port, wait_for_port
@@ -60,14 +61,13 @@ def invalidators(settings: Settings, n: int, relay: bool = False) -> Iterator[li
 
 
 async def cache(redis: Redis, keys: Keys, ids: list[str]) -> None:
-    """Cache an entry for each id (version 1), registered in its tag set."""
+    """Cache an entry for each id (version 1)."""
     fresh = int(time.time() * 1000) + 600_000
-    value = entry.pack(PAYLOAD, 1, fresh, 1)
+    value = entry.pack_product(PAYLOAD, "c1", "b1", 1, fresh, 1)
     for k in range(0, len(ids), 1000):
         async with redis.pipeline(transaction=False) as pipe:
             for i in ids[k : k + 1000]:
                 pipe.set(keys.product(i), value, px=600_000)
-                pipe.sadd(keys.tag(Tag.product(i)), keys.product(i))
             await pipe.execute()
 
 

@@ -1,23 +1,31 @@
-"""Every Redis key, tag, stream and group name the catalog uses; nothing else formats keys.
+"""Every Redis key, channel, stream and group name the catalog uses; nothing else formats keys.
 
-Layout (``ns`` is ``CATALOG_KEY_NAMESPACE``, ``SCHEMA`` the cached-format version):
+Layout (``ns`` is ``CATALOG_KEY_NAMESPACE``, ``SCHEMA`` the cached-format version, ``F`` a list
+filter ``(category, brand)`` with "" for any, ``H`` a 64-bit blake2b of its parts, in hex):
 
-====================================  ==========================================================
-``<ns>:<SCHEMA>:p:{<id>}``            serialized ``Product`` bytes, or ``NEGATIVE`` (no such id)
-``<ns>:<SCHEMA>:p:{<id>}:lease``      fill lease of that product entry (same hash slot)
-``<ns>:<SCHEMA>:l:{<page>}``          a list page: its ordered product ids and next token
-``<ns>:<SCHEMA>:l:{<page>}:lease``    fill lease of that page
-``<ns>:<SCHEMA>:t:<tag>``             tag set: the value keys that depend on ``<tag>``
-``<ns>:<SCHEMA>:gen``                 generation of embedded names (bumped by renames)
-``<ns>:events``                       the event stream (unversioned: publishers depend on it)
-``<ns>:events:dead``                  dead letters of the event stream (reason + original fields)
-``<ns>:{views}:pending``              hash: product id -> views not yet claimed by a flush
-``<ns>:{views}:flush:<flush id>``     a pending hash swapped out by a flush, until written
-``<ns>:{views}:flushes``              set of flush ids claimed and not yet released
-====================================  ==========================================================
+=========================================  =====================================================
+``<ns>:<SCHEMA>:p:{<id>}``                 a product: header, ``<category>\n<brand>\n``, then
+                                           the ``Product`` bytes without names; or ``NEGATIVE``
+``<ns>:<SCHEMA>:p:{<id>}:lease``           fill lease of that product entry (same hash slot)
+``<ns>:<SCHEMA>:l:{f<H(F)>}:<H(pos)>``     a list page of ``F`` at one position and size
+``<ns>:<SCHEMA>:l:{f<H(F)>}:<..>:lease``   fill lease of that page
+``<ns>:<SCHEMA>:f:{f<H(F)>}:pages``        set of the page keys of ``F`` cached or being filled
+``<ns>:<SCHEMA>:f:{f<H(c,"")>}:brands``    category ``c``'s registry: brands ``b`` for which
+                                           ``(c, b)`` was ever leased
+``<ns>:<SCHEMA>:f:{f<H("",b)>}:categories`` brand ``b``'s registry: categories likewise
+``<ns>:<SCHEMA>:names``                    pub/sub channel: ``c:<id>`` / ``b:<id>`` after a
+                                           rename was applied (not a key)
+``<ns>:events``                            the event stream (unversioned: publishers depend on it)
+``<ns>:events:dead``                       dead letters of the event stream (reason + fields)
+``<ns>:{views}:pending``                   hash: product id -> views not yet claimed by a flush
+``<ns>:{views}:flush:<flush id>``          a pending hash swapped out by a flush, until written
+``<ns>:{views}:flushes``                   set of flush ids claimed and not yet released
+=========================================  =====================================================
 
 Bumping ``SCHEMA`` on a deploy that changes a cached format makes new code ignore old bytes.
-A value and its lease share a hash tag, so Redis Cluster keeps them in one slot.
+Braces are Redis Cluster hash tags, and every atomic step touches one slot: a product and its
+lease share the product's tag; every page of a filter, their leases, the filter's page set and
+(for ``(c, *)`` and ``(*, b)``) its registry share the filter's tag ``{f<H(F)>}``.
 View counters are data, not a cached format: they are unversioned, and share the hash tag
 ``{views}`` so a flush's RENAME stays within one slot.
 """
@@ -27,16 +35,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-SCHEMA = "v2"
+SCHEMA = "v3"
 LEASE_SUFFIX = ":lease"
-# Stored in a product key for an id that does not exist. Real entries are serialized Products,
-# which always start with field 1 (the id), so they can never be empty.
+# Stored in a product key for an id that does not exist. Real entries start with a header, so
+# they can never be empty.
 NEGATIVE = b""
+# Prefixes of a rename message on the names channel, and of the name table's keys.
+CATEGORY_NAME = "c:"
+BRAND_NAME = "b:"
 
 
 @dataclass(frozen=True, slots=True)
 class Tag:
-    """A dependency name whose invalidation deletes every value key registered under it."""
+    """A dependency an event voids (docs/events.md): a product, a list filter, or a name."""
 
     name: str
 
@@ -46,35 +57,55 @@ class Tag:
 
     @staticmethod
     def category(category_id: str) -> Tag:
-        """Product entries embedding this category's name."""
+        """The category's name, served with every product of the category (a rename)."""
         return Tag(f"category:{category_id}")
 
     @staticmethod
     def brand(brand_id: str) -> Tag:
-        """Product entries embedding this brand's name."""
+        """The brand's name (a rename)."""
         return Tag(f"brand:{brand_id}")
 
     @staticmethod
     def list_category(category_id: str) -> Tag:
+        """List pages filtered by this category (with or without a brand)."""
         return Tag(f"list:category:{category_id}")
 
     @staticmethod
     def list_brand(brand_id: str) -> Tag:
+        """List pages filtered by this brand (with or without a category)."""
         return Tag(f"list:brand:{brand_id}")
 
     @staticmethod
     def list_all() -> Tag:
+        """Unfiltered list pages."""
         return Tag("list:all")
 
     @property
     def product_id(self) -> str:
-        """The id of a ``product:<id>`` tag ("" for other tags): its one member is derivable."""
+        """The id of a ``product:<id>`` tag ("" for other tags): its entry's key is derivable."""
         return self.name[8:] if self.name.startswith("product:") else ""
 
     @property
-    def embeds_name(self) -> bool:
-        """True for tags whose invalidation must also bump the generation (DESIGN 5.2)."""
-        return self.name.startswith(("category:", "brand:"))
+    def renamed(self) -> str:
+        """For a category or brand tag, its message on the names channel (``c:<id>`` or
+        ``b:<id>``); "" for other tags."""
+        if self.name.startswith("category:"):
+            return CATEGORY_NAME + self.name[9:]
+        if self.name.startswith("brand:"):
+            return BRAND_NAME + self.name[6:]
+        return ""
+
+    @property
+    def list_filter(self) -> tuple[str, str] | None:
+        """For a list tag, its filter ``(category, brand)`` with "" meaning "any" (the
+        ``(c, *)`` or ``(*, b)`` filter; combined filters are found in the registries)."""
+        if self.name.startswith("list:category:"):
+            return self.name[14:], ""
+        if self.name.startswith("list:brand:"):
+            return "", self.name[11:]
+        if self.name == "list:all":
+            return "", ""
+        return None
 
 
 def _glob_escape(text: str) -> str:
@@ -82,10 +113,14 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+def _h(*parts: str, size: int = 8) -> str:
+    return hashlib.blake2b("\x00".join(parts).encode(), digest_size=size).hexdigest()
+
+
 class Keys:
     """Key builder bound to one namespace. Build once in ``app.py`` and pass it down."""
 
-    __slots__ = ("_dead_letter", "_events", "_prefix", "_product", "_views", "group", "stream")
+    __slots__ = ("_dead_letter", "_prefix", "_product", "_views", "group", "stream")
 
     def __init__(
         self,
@@ -121,28 +156,40 @@ class Keys:
     @property
     def page_pattern(self) -> str:
         """SCAN MATCH pattern of list pages (their leases match too: filter them out)."""
-        return _glob_escape(self._prefix) + "l:{*}*"
+        return _glob_escape(self._prefix) + "l:{f*}:*"
 
-    @property
-    def product_key_parts(self) -> tuple[str, str]:
-        """(before id, after id): lets a Lua script build product keys from ids it reads."""
-        return self._product + "{", "}"
+    @staticmethod
+    def filter_tag(category_id: str, brand_id: str) -> str:
+        """The hash tag every key of one list filter shares ("" = any)."""
+        return "{f" + _h(category_id, brand_id) + "}"
 
     def page(self, category_id: str, brand_id: str, after_id: str, page_size: int) -> str:
-        """One list page: filter, position and size. Hashed so any id characters are safe."""
-        raw = f"{category_id}\x00{brand_id}\x00{after_id}\x00{page_size}".encode()
-        return self._prefix + "l:{" + hashlib.blake2b(raw, digest_size=12).hexdigest() + "}"
+        """One list page: filter (the hash tag), position and size. Hashed so any id
+        characters are safe."""
+        where = _h(after_id, str(page_size), size=12)
+        return self._prefix + "l:" + self.filter_tag(category_id, brand_id) + ":" + where
+
+    def pages(self, category_id: str, brand_id: str) -> str:
+        """The set of a filter's page keys that are cached or being filled."""
+        return self._prefix + "f:" + self.filter_tag(category_id, brand_id) + ":pages"
+
+    def category_registry(self, category_id: str) -> str:
+        """Brands ``b`` for which the filter ``(category_id, b)`` was ever leased; in the slot
+        of the filter ``(category_id, *)``."""
+        return self._prefix + "f:" + self.filter_tag(category_id, "") + ":brands"
+
+    def brand_registry(self, brand_id: str) -> str:
+        """Categories ``c`` for which the filter ``(c, brand_id)`` was ever leased."""
+        return self._prefix + "f:" + self.filter_tag("", brand_id) + ":categories"
+
+    @property
+    def names_channel(self) -> str:
+        """Pub/sub channel of applied renames (``c:<id>``, ``b:<id>``)."""
+        return self._prefix + "names"
 
     @staticmethod
     def lease(value_key: str) -> str:
         return value_key + LEASE_SUFFIX
-
-    def tag(self, tag: Tag) -> str:
-        return self._prefix + "t:" + tag.name
-
-    @property
-    def generation(self) -> str:
-        return self._prefix + "gen"
 
     @property
     def dead_letter_stream(self) -> str:

@@ -31,6 +31,13 @@ FILL_REFUSED = Counter(
 REFRESHES = Counter(
     "catalog_refreshes", "Background refreshes of stale or nearly expired entries", ["kind"]
 )
+NAME_BROADCASTS = Counter(
+    "catalog_name_broadcasts", "Rename messages received on the names channel (fragments dropped)"
+)
+STALE_NAMES_SERVED = Counter(
+    "catalog_stale_names_served",
+    "Expired name fragments served because PostgreSQL could not be read to reload them",
+)
 REDIS_ERRORS = Counter("catalog_redis_errors", "Redis errors and timeouts seen by the read path")
 BREAKER_OPEN = Counter("catalog_breaker_opened", "Times the Redis circuit breaker opened")
 VIEWS_RECORDED = Counter("catalog_views_recorded", "Product views counted in Redis")

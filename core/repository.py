@@ -14,6 +14,11 @@ Invariants:
   bound parameters. List statements exist per filter combination so each uses its own index
   ((category_id, id), (brand_id, id), (category_id, brand_id, id) or the primary key).
 - Errors propagate unchanged; callers classify them with ``core.db.is_connection_error``.
+- A product is built as its ``base`` (the ``Product`` whose ``category`` and ``brand`` carry only
+  their ids, what the cache stores) followed by two name fragments (``category {name}``,
+  ``brand {name}``): protobuf merges repeated occurrences of an embedded message field, so the
+  concatenation parses as the whole product. Every path answers with this same layout, so a
+  product served from the cache and one read here are byte-identical.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    CompoundSelect,
     DateTime,
     Integer,
     Select,
@@ -51,20 +57,46 @@ from core import metrics
 from core.pricing import final_price
 
 
+def category_fragment(name: str) -> bytes:
+    """``category {name: name}`` as it follows a product's base bytes (field 5)."""
+    return pb.Product(category=pb.Category(name=name)).SerializeToString()
+
+
+def brand_fragment(name: str) -> bytes:
+    """``brand {name: name}`` (field 6)."""
+    return pb.Product(brand=pb.Brand(name=name)).SerializeToString()
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedProduct:
-    """A product as cached: its serialized message plus what the cache needs to tag and expire it.
+    """A product read: its serialized message without names (``base``), the names, and what the
+    cache needs to key and expire it.
 
     ``price_changes_at`` is the earliest future start or end of any rule applicable to the product
     (None if there is none): its final price may change then, so no cache entry should outlive it.
     """
 
     id: str
-    data: bytes
+    base: bytes
     category_id: str
+    category_name: str
     brand_id: str
+    brand_name: str
     price_changes_at: datetime | None
     version: int
+
+    @property
+    def data(self) -> bytes:
+        """The whole serialized ``Product``: the base, then the name fragments."""
+        return self.base + category_fragment(self.category_name) + brand_fragment(self.brand_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Category and brand names by id (ids that do not exist are absent)."""
+
+    categories: dict[str, str]
+    brands: dict[str, str]
 
 
 _Select = Select[*tuple[Any, ...]]
@@ -192,10 +224,20 @@ _FILTERS = [(by_category, by_brand) for by_category in (False, True) for by_bran
 _GET_PRODUCTS = _product_select().where(_products.c.id == any_(bindparam("ids", type_=ARRAY(Text))))
 _LIST_PAGE = {f: _page_filter(_product_select(), *f) for f in _FILTERS}
 _LIST_PAGE_IDS = {f: _page_filter(select(_products.c.id), *f) for f in _FILTERS}
+_NAMES = (
+    select(literal_column("'c'", Text).label("kind"), _categories.c.id, _categories.c.name)
+    .where(_categories.c.id == any_(bindparam("categories", type_=ARRAY(Text))))
+    .union_all(
+        select(literal_column("'b'", Text).label("kind"), _brands.c.id, _brands.c.name).where(
+            _brands.c.id == any_(bindparam("brands", type_=ARRAY(Text)))
+        )
+    )
+)
 _PING = select(_ONE)
 _GET_LOADS = metrics.DB_LOADS.labels(op="get_products")
 _PAGE_LOADS = metrics.DB_LOADS.labels(op="list_page")
 _PAGE_ID_LOADS = metrics.DB_LOADS.labels(op="list_page_ids")
+_NAME_LOADS = metrics.DB_LOADS.labels(op="get_names")
 
 
 class Repository:
@@ -238,11 +280,24 @@ class Repository:
         _PAGE_ID_LOADS.inc()
         return [row.id for row in rows]
 
+    async def get_names(self, category_ids: Sequence[str], brand_ids: Sequence[str]) -> Names:
+        """The names of these categories and brands, in one statement."""
+        if not category_ids and not brand_ids:
+            return Names({}, {})
+        rows = await self._fetch(
+            _NAMES, {"categories": list(category_ids), "brands": list(brand_ids)}
+        )
+        _NAME_LOADS.inc()
+        names = Names({}, {})
+        for row in rows:
+            (names.categories if row.kind == "c" else names.brands)[row.id] = row.name
+        return names
+
     async def ping(self) -> None:
         """Raise unless PostgreSQL answers a trivial query."""
         await self._fetch(_PING, {})
 
-    async def _fetch(self, stmt: _Select, params: dict[str, Any]) -> _Rows:
+    async def _fetch(self, stmt: _Select | CompoundSelect[Any], params: dict[str, Any]) -> _Rows:
         async with self._engine.connect() as conn:
             result = await conn.execute(stmt, params)
             return result.all()
@@ -261,8 +316,8 @@ def _build(row: _Row) -> LoadedProduct:
         sku=row.sku,
         name=row.name,
         description=row.description,
-        category=pb.Category(id=row.category_id, name=row.category_name),
-        brand=pb.Brand(id=row.brand_id, name=row.brand_name),
+        category=pb.Category(id=row.category_id),
+        brand=pb.Brand(id=row.brand_id),
         images=[
             pb.Image(url=url, alt_text=alt, position=position)
             for url, alt, position in zip(
@@ -290,9 +345,11 @@ def _build(row: _Row) -> LoadedProduct:
         )
     return LoadedProduct(
         id=row.id,
-        data=product.SerializeToString(),
+        base=product.SerializeToString(),
         category_id=row.category_id,
+        category_name=row.category_name,
         brand_id=row.brand_id,
+        brand_name=row.brand_name,
         price_changes_at=row.price_changes_at,
         version=row.version,
     )

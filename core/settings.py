@@ -119,7 +119,16 @@ class Settings:
     )
     negative_ttl_s: float = option(30.0, "TTL of a 'no such product' entry", lo=0.1, hi=3600)
     ttl_jitter: float = option(0.1, "relative TTL jitter (0.1 = +-10%)", lo=0, hi=0.5)
-    tag_ttl_margin_s: float = option(60.0, "how much longer a tag set lives than its members", lo=1)
+    tag_ttl_margin_s: float = option(
+        60.0, "how much longer a page set or registry lives than its members", lo=1
+    )
+    name_ttl_ms: int = option(
+        2000,
+        "longest a process serves a category or brand name it has not re-read (renames are "
+        "also broadcast)",
+        lo=10,
+        hi=3_600_000,
+    )
 
     lease_ttl_ms: int = option(3000, "lease (fill lock) lifetime", lo=10, hi=120_000)
     lease_wait_ms: int = option(1000, "longest a reader waits for another's fill", lo=0, hi=60_000)

@@ -3,8 +3,10 @@
 What counts as stale (compared exactly: a product's TTL is capped at its next price-rule
 boundary, so no time-dependent field may legitimately differ while the entry lives):
 
-* a product entry whose payload differs from what :meth:`Repository.get_products` builds now, or
-  whose product no longer exists;
+* a product entry whose payload (category and brand ids, then the ``Product`` without names)
+  differs from what :meth:`Repository.get_products` builds now, or whose product no longer
+  exists. Names are not cached (each process appends them from PostgreSQL at serve time, see
+  core/cache/names.py), so there is nothing of theirs to compare;
 * a negative entry (no such product) whose product exists;
 * a list page whose ids or next id differ from :meth:`Repository.list_page_ids` for its filter,
   position and size.
@@ -84,7 +86,8 @@ def _product_problem(cached: bytes, found: LoadedProduct | None) -> str | None:
         return "cached as missing, but the product exists" if found is not None else None
     if found is None:
         return "cached, but the product no longer exists"
-    if entry.payload(cached) != found.data:
+    expected = entry.pack_product(found.base, found.category_id, found.brand_id, 0, 0, 0)
+    if entry.payload(cached) != entry.payload(expected):
         return "cached bytes differ from PostgreSQL"
     return None
 

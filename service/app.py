@@ -85,6 +85,8 @@ class Service:
     reader: Reader
     health: HealthServicer
     _monitor: asyncio.Task[None]
+    # Follows renames on the names channel (None with the cache off).
+    _names: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, wait ``shutdown_drain_s``, refuse new RPCs, finish in-flight."""
@@ -92,9 +94,11 @@ class Service:
         if self.settings.shutdown_drain_s:
             await asyncio.sleep(self.settings.shutdown_drain_s)
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
-        self._monitor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._monitor
+        for task in (self._monitor, self._names):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.redis.aclose()
         await self.engine.dispose()
 
@@ -148,6 +152,13 @@ async def start(
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.grpc_address}")
     await _check_health(repo, health_servicer, settings)
+    names = None
+    if store is not None:
+        # Follow renames before serving; a Redis that is down only delays this by its connect
+        # timeout (names are then re-read every CATALOG_NAME_TTL_MS until it is back).
+        names = asyncio.create_task(reader.names.follow(redis, keys.names_channel))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.names.following.wait(), settings.redis_connect_timeout_s)
     await server.start()
     monitor = asyncio.create_task(_monitor_health(repo, health_servicer, settings))
     log.info(
@@ -158,7 +169,7 @@ async def start(
         "on" if settings.reflection else "off",
     )
     (log.warning if writers.read_only else log.info)("%s", writers.describe())
-    return Service(settings, server, port, redis, engine, reader, health_servicer, monitor)
+    return Service(settings, server, port, redis, engine, reader, health_servicer, monitor, names)
 
 
 async def _check_health(repo: Repository, servicer: HealthServicer, settings: Settings) -> None:

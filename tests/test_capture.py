@@ -208,10 +208,10 @@ async def test_price_rule_changes_name_the_products_of_their_old_and_new_scope(
     }
     for events in (changed, deleted):
         assert {k: covered(v) for k, v in events.items()} == {("brand_id", "b00004"): sorted(brand)}
-    # The consumer voids those products by id: no category or brand tag, no name generation.
+    # The consumer voids those products by id: no category or brand tag (no rename announced).
     for event in inserted:
         assert tags_for(event) == {Tag.product(i) for i in event.product_ids}
-        assert not any(t.embeds_name for t in tags_for(event))
+        assert not any(t.renamed for t in tags_for(event))
 
 
 async def test_product_scope_rules_name_the_product(db: AsyncEngine) -> None:

@@ -45,6 +45,45 @@ async def test_miss_then_hit_returns_the_database_product(stub: Stub, database_u
     assert first.category.name and first.brand.name and first.images
 
 
+async def test_a_hit_a_miss_and_an_uncached_read_answer_the_same_bytes(
+    settings: Settings, service: Service, redis_client: object
+) -> None:
+    """Cached products hold no names; a hit appends the name fragments to the stored bytes and a
+    miss or a read with the cache off serve what the database read built. The wire bytes of
+    every read RPC are identical across the three (no re-encoding, no reordering)."""
+    uncached = await start(settings.replace(grpc_address="127.0.0.1:0", cache_enabled=False))
+    category = "c00002"
+    requests = [
+        ("GetProduct", pb.GetProductRequest(id="p0000009")),
+        ("BatchGetProducts", pb.BatchGetProductsRequest(ids=["p0000010", "nope", "p0000009"])),
+        ("ListProducts", pb.ListProductsRequest(page_size=7, category_id=category)),
+        ("ListProducts", pb.ListProductsRequest(page_size=50)),
+    ]
+
+    async def raw(port: int) -> list[bytes]:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return [
+                await channel.unary_unary(
+                    f"/catalog.v1.CatalogService/{method}",
+                    request_serializer=type(request).SerializeToString,
+                    response_deserializer=None,
+                )(request)
+                for method, request in requests
+            ]
+
+    try:
+        misses = Delta("catalog_cache_requests_total", op="get", result="miss")
+        hits = Delta("catalog_cache_requests_total", op="get", result="hit")
+        first = await raw(service.port)
+        again = await raw(service.port)
+        assert (misses(), hits()) == (1, 1)
+        assert first == again == await raw(uncached.port)
+        product = pb.Product.FromString(first[0])
+        assert product.category.name and product.brand.name
+    finally:
+        await uncached.stop(grace=0)
+
+
 async def test_unknown_id_is_not_found_and_cached_negatively(stub: Stub) -> None:
     loads = db_loads()
     for _ in range(3):

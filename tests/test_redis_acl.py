@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 import redis as redis_sync
 from google.protobuf import field_mask_pb2
@@ -27,6 +28,7 @@ from redis.exceptions import NoPermissionError
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
+from core.db import libpq_url
 from core.keys import Keys
 from core.publisher import Publisher
 from core.settings import Settings
@@ -51,7 +53,7 @@ def acl_lines(namespace: str, passwords: dict[str, str]) -> list[list[str]]:
             [
                 ">" + passwords[words[2]]
                 if w == placeholder
-                else w.replace("~catalog:", f"~{namespace}:")
+                else w.replace("~catalog:", f"~{namespace}:").replace("&catalog:", f"&{namespace}:")
                 for w in words
             ]
         )
@@ -84,6 +86,7 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
         key_namespace=namespace,
         grpc_address="127.0.0.1:0",
         metrics_port=0,
+        name_ttl_ms=3_600_000,  # only the invalidator's announcement can show the rename
     )
     hits = Delta("catalog_cache_requests_total", op="get", result="hit")
     service = await start(settings)
@@ -102,6 +105,11 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
             empty = pb.ListProductsRequest(category_id="c99999")  # matches nothing: not cached
             assert not (await stub.ListProducts(empty, timeout=10)).products
             await stub.BatchGetProducts(pb.BatchGetProductsRequest(ids=["p0000002", "x"]))
+            first = await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
+            combined = pb.ListProductsRequest(  # registers the filter in both registries
+                page_size=5, category_id=first.category.id, brand_id=first.brand.id
+            )
+            assert (await stub.ListProducts(combined, timeout=10)).products
             mask = field_mask_pb2.FieldMask(paths=["name"])
             await stub.UpdateProduct(
                 pb.UpdateProductRequest(
@@ -157,6 +165,17 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
             )
             reply = await stub.GetProduct(pb.GetProductRequest(id="p0000003"), timeout=10)
             assert reply.name == "ACL"
+            with psycopg.connect(libpq_url(fresh_database_url)) as conn:
+                conn.execute(
+                    "UPDATE categories SET name = 'ACL renamed' WHERE id = %s",
+                    (first.category.id,),
+                )
+
+            async def renamed() -> bool:  # PUBLISH by the invalidator, SUBSCRIBE by the service
+                got = await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
+                return got.category.name == "ACL renamed"
+
+            await eventually(renamed, timeout=60, what="the rename announced and followed")
         invalidator.send_signal(signal.SIGTERM)
         assert invalidator.wait(30) == 0, "left the group (XGROUP DELCONSUMER) cleanly"
         log = (tmp_path / "invalidator.log").read_text()

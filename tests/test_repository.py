@@ -18,7 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
 from core.db import create_engine, is_connection_error, libpq_url
-from core.repository import LoadedProduct, Repository
+from core.repository import (
+    LoadedProduct,
+    Names,
+    Repository,
+    brand_fragment,
+    category_fragment,
+)
 from core.settings import Settings
 from ops.seed import seed_catalog
 from tests.conftest import SEED_PRODUCTS
@@ -169,6 +175,51 @@ async def test_product_message_carries_every_field(engine: AsyncEngine, database
     assert (product.stock, product.version) == (row[9], row[10])
     assert product.update_time.ToDatetime(tzinfo=UTC) == row[11]
     assert len(product.images) >= 1
+
+
+async def test_base_holds_no_names_and_its_fragments_complete_the_product(
+    engine: AsyncEngine,
+) -> None:
+    """The cache stores ``base``; every path serves base + category fragment + brand fragment,
+    which protobuf parses as the whole product (embedded message fields merge)."""
+    loaded = (await Repository(engine).get_products(["p0000001"]))["p0000001"]
+    base = pb.Product.FromString(loaded.base)
+    assert (base.category.id, base.category.name) == (loaded.category_id, "")
+    assert (base.brand.id, base.brand.name) == (loaded.brand_id, "")
+    whole = pb.Product.FromString(loaded.data)
+    assert loaded.data.startswith(loaded.base)
+    assert (whole.category.id, whole.category.name) == (loaded.category_id, loaded.category_name)
+    assert (whole.brand.id, whole.brand.name) == (loaded.brand_id, loaded.brand_name)
+    base.category.name, base.brand.name = loaded.category_name, loaded.brand_name
+    assert whole == base
+
+
+@pytest.mark.parametrize("name", ["", "Ünïcode ✓", "x" * 300])
+def test_name_fragments_merge_into_any_product(name: str) -> None:
+    product = pb.Product(id="p", category=pb.Category(id="c"), brand=pb.Brand(id="b"))
+    data = product.SerializeToString() + category_fragment(name) + brand_fragment(name + "!")
+    merged = pb.Product.FromString(data)
+    assert (merged.category.id, merged.category.name) == ("c", name)
+    assert (merged.brand.id, merged.brand.name) == ("b", name + "!")
+
+
+async def test_names_of_categories_and_brands_are_one_statement(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        rows = conn.execute("SELECT id, name FROM categories ORDER BY id LIMIT 3").fetchall()
+        categories: dict[str, str] = {r[0]: r[1] for r in rows}
+        rows = conn.execute("SELECT id, name FROM brands ORDER BY id LIMIT 2").fetchall()
+        brands: dict[str, str] = {r[0]: r[1] for r in rows}
+    repo = Repository(engine)
+    before = db_loads("get_names")
+    with statements(engine) as seen:
+        names = await repo.get_names([*categories, "no-such"], [*brands, "none"])
+    assert (names.categories, names.brands) == (categories, brands)
+    assert len(seen) == 1 and db_loads("get_names") == before + 1
+    with statements(engine) as seen:
+        assert await repo.get_names([], []) == Names({}, {})
+    assert seen == []
 
 
 async def test_images_are_ordered_by_position(world: World, repo: Repository) -> None:

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
-from core.cache.entry import payload
+from core.cache.entry import product_parts
 from core.keys import NEGATIVE, Keys
 from core.settings import Settings
 from ops.verify import verify
@@ -64,9 +64,18 @@ async def test_planted_stale_entries_are_reported_with_their_ids(
     key = keys.product("p0000002")
     raw = cast(bytes, await redis_client.get(key))
     assert raw
-    old = pb.Product.FromString(payload(raw))
+    _, _, start = product_parts(raw)
+    old = pb.Product.FromString(raw[start:])
+    assert not old.category.name, "names are not cached"
     old.name = "Name before an update whose event was lost"
-    await redis_client.set(key, raw[: len(raw) - len(payload(raw))] + old.SerializeToString())
+    await redis_client.set(key, raw[:start] + old.SerializeToString(), keepttl=True)
+    # A product entry still naming the category it was moved out of (ids before the bytes).
+    key = keys.product("p0000001")
+    raw = cast(bytes, await redis_client.get(key))
+    category, _, _ = product_parts(raw)
+    moved = raw.replace(b"\n", b"-elsewhere\n", 1)
+    assert product_parts(moved)[0] == category + b"-elsewhere"
+    await redis_client.set(key, moved, keepttl=True)
     # A negative entry for a product that exists.
     await redis_client.set(keys.product("p0000005"), NEGATIVE, px=60_000)
     # A page missing one of its products.
@@ -80,9 +89,10 @@ async def test_planted_stale_entries_are_reported_with_their_ids(
     assert found == [
         ("negative", "p0000005"),
         ("page", "category=* brand=* after='' size=7"),
+        ("product", "p0000001"),
         ("product", "p0000002"),
     ]
     done = _run_cli(settings)
     assert done.returncode == 1
-    assert "stale: 3" in done.stdout
+    assert "stale: 4" in done.stdout
     assert "p0000002" in done.stdout and "p0000005" in done.stdout

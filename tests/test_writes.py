@@ -20,7 +20,7 @@ from core.cache import entry
 from core.cache.store import FillItem
 from core.db import libpq_url
 from core.events import invalidation_for, parse
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.repository import LoadedProduct, Repository
 from core.settings import Settings
 from service.app import Service, create_store, start
@@ -188,14 +188,12 @@ async def test_older_write_through_never_replaces_a_newer_version(
 ) -> None:
     store = create_store(redis_client, settings)
     keys = Keys(settings.key_namespace)
-    key, tag = keys.product(PID), keys.tag(Tag.product(PID))
+    key = keys.product(PID)
 
     async def write_through(version: int) -> list[bool]:
-        acquired = await store.acquire([key], [[tag]], "force")
-        data = entry.pack(b"v%d" % version, version, 0, 1)
-        return await store.fill(
-            acquired.token, acquired.generation, [FillItem(key, data, 60_000, [tag], version)]
-        )
+        acquired = await store.acquire([key], "force")
+        data = entry.pack_product(b"v%d" % version, "c", "b", version, 0, 1)
+        return await store.fill(acquired.token, [FillItem(key, data, 60_000, version=version)])
 
     assert await write_through(3) == [True]
     assert await write_through(2) == [False], "a stale write-through is refused"
@@ -210,13 +208,10 @@ async def test_event_of_the_written_version_keeps_the_write_through(
     version, so it stays (the next read is a hit); an event of a later version deletes it."""
     store = create_store(redis_client, settings)
     keys = Keys(settings.key_namespace)
-    key, tag = keys.product(PID), keys.tag(Tag.product(PID))
-    acquired = await store.acquire([key], [[tag]], "force")
-    await store.fill(
-        acquired.token,
-        acquired.generation,
-        [FillItem(key, entry.pack(b"x", 5, 0, 1), 60_000, [tag], 5)],
-    )
+    key = keys.product(PID)
+    acquired = await store.acquire([key], "force")
+    data = entry.pack_product(b"x", "c", "b", 5, 0, 1)
+    await store.fill(acquired.token, [FillItem(key, data, 60_000, version=5)])
 
     def event(version: int) -> dict[str, str]:
         return {
@@ -231,7 +226,6 @@ async def test_event_of_the_written_version_keeps_the_write_through(
     same = invalidation_for([parse(event(5))])
     await store.invalidate(same.tags, same.min_versions)
     assert await store.get(key) is not None
-    assert await redis_client.sismember(tag, key), "the kept entry stays findable by its tag"
     later = invalidation_for([parse(event(5)), parse(event(6))])
     await store.invalidate(later.tags, later.min_versions)
     assert await store.get(key) is None
@@ -248,19 +242,21 @@ async def test_write_through_forces_past_a_foreign_lease(
     updated = await stub.UpdateProduct(update(pb.Product(id=PID, name="forced"), "name"))
     cached = await redis_client.get(keys.product(PID))
     assert isinstance(cached, bytes)
-    assert entry.payload(cached) == updated.SerializeToString()
+    _, _, start = entry.product_parts(cached)
+    assert pb.Product.FromString(cached[start:]).name == "forced"
+    assert await stub.GetProduct(pb.GetProductRequest(id=PID)) == updated
 
 
 async def test_write_through_failure_deletes_the_key(
     writable: Settings, api: tuple[Service, Stub], redis_client: Redis
 ) -> None:
-    """The cache write fails for real (a tag key of the wrong type makes the script error):
-    the old entry is deleted rather than left stale, and the caller still gets the update."""
+    """The cache write fails for real (the product key holds a set, so FILL's GET errors): the
+    key is deleted rather than left behind, and the caller still gets the update."""
     _, stub = api
-    before = await stub.GetProduct(pb.GetProductRequest(id=PID))
+    await stub.GetProduct(pb.GetProductRequest(id=PID))
     keys = Keys(writable.key_namespace)
-    await redis_client.delete(keys.tag(Tag.category(before.category.id)))
-    await redis_client.set(keys.tag(Tag.category(before.category.id)), "not a set")
+    await redis_client.delete(keys.product(PID))
+    await redis_client.sadd(keys.product(PID), "not a product")
     errors = Delta("catalog_redis_errors_total")
     updated = await stub.UpdateProduct(update(pb.Product(id=PID, name="after failure"), "name"))
     assert updated.name == "after failure"
@@ -276,6 +272,7 @@ async def test_write_through_that_loses_its_lease_leaves_no_older_entry(
     reading. The first's fill is refused; the old entry must not stay behind until the second
     lands (its caller already has the new version and would read the old one)."""
     from core.cache.loader import Loader
+    from core.cache.names import NameTable
     from core.db import create_engine
     from tests.cache.test_reader import PausedAfterRead
 
@@ -283,18 +280,19 @@ async def test_write_through_that_loses_its_lease_leaves_no_older_entry(
     try:
         keys = Keys(writable.key_namespace)
         store = create_store(redis_client, writable)
-        key, tag = keys.product(PID), keys.tag(Tag.product(PID))
-        old = await store.acquire([key], [[tag]])
-        stale = entry.pack(b"old", 1, 0, 1)
-        await store.fill(old.token, old.generation, [FillItem(key, stale, 60_000, [tag], 1)])
+        key = keys.product(PID)
+        old = await store.acquire([key])
+        stale = entry.pack_product(b"old", "c", "b", 1, 0, 1)
+        await store.fill(old.token, [FillItem(key, stale, 60_000, version=1)])
         with psycopg.connect(libpq_url(writable.database_url)) as conn:
             conn.execute("UPDATE products SET version = 5 WHERE id = %s", (PID,))
 
         paused = PausedAfterRead(engine)
-        first = Loader(store, paused, keys, writable, lambda exc: None)
+        names = NameTable(paused.get_names, writable.name_ttl_ms)
+        first = Loader(store, paused, keys, writable, lambda exc: None, names)
         in_flight = asyncio.ensure_future(first.write_through(PID))
         await paused.has_read.wait()
-        await store.acquire([key], [[tag]], "force")  # the second write-through's lease
+        await store.acquire([key], "force")  # the second write-through's lease
         paused.proceed.set()
         assert await in_flight is not None
         assert await store.get(key) is None, "the older entry was dropped, not served"

@@ -8,7 +8,10 @@ Invariants:
   the lease disappears with no value (a refused fill), it takes the lease itself at once;
 * one process sends one lease attempt per key at a time (single-flight);
 * an entry past its logical expiry (or picked by XFetch) is still served, and one background
-  refresh per key reloads it; an invalidated entry is gone, never served stale.
+  refresh per key reloads it; an invalidated entry is gone, never served stale;
+* a cached product is served as its stored bytes followed by its category's and brand's name
+  fragments from the name table (core/cache/names.py), and a product read from PostgreSQL with
+  the fragments of the names it read: both paths answer with the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from core import deadlines, metrics
 from core.cache import entry
 from core.cache.breaker import CircuitBreaker
 from core.cache.loader import EMPTY_PAGE, REDIS_FAILURES, Loader
+from core.cache.names import NameTable
 from core.cache.singleflight import SingleFlight
 from core.cache.store import CacheStore
 from core.keys import Keys
@@ -57,7 +61,10 @@ class Reader:
         keys: Keys,
         settings: Settings,
         breaker: CircuitBreaker | None = None,
+        names: NameTable | None = None,
     ) -> None:
+        """``names`` defaults to a table of this reader's own; a process follows its renames
+        with :meth:`NameTable.follow` (service.app)."""
         self.store = store
         self.repo = repo
         self.keys = keys
@@ -65,8 +72,11 @@ class Reader:
         self.breaker = breaker or CircuitBreaker(
             settings.breaker_failures, settings.breaker_reset_s
         )
+        self.names = names if names is not None else NameTable(repo.get_names, settings.name_ttl_ms)
         self.loader = (
-            Loader(store, repo, keys, settings, self._redis_failed) if store is not None else None
+            Loader(store, repo, keys, settings, self._redis_failed, self.names)
+            if store is not None
+            else None
         )
         self._products: SingleFlight[bytes | None] = SingleFlight()
         self._pages: SingleFlight[bool] = SingleFlight()
@@ -89,7 +99,7 @@ class Reader:
                 if value:
                     _HIT["get"].inc()
                     self._refresh_product_if_due(product_id, value)
-                    return value[_H:]
+                    return self.names.complete(value) or (await self._with_names({"": value}))[""]
                 if value is not None:
                     _NEG["get"].inc()
                     return None
@@ -109,7 +119,7 @@ class Reader:
                 break
             outcome = acquired.outcomes[0]
             if isinstance(outcome, bytes):
-                return outcome[_H:] or None
+                return await self._product_of(outcome)
             if outcome:
                 found = (await loader.load_products(acquired, [product_id])).get(product_id)
                 return found.data if found else None
@@ -117,7 +127,7 @@ class Reader:
             deadline = deadline or self._wait_deadline()
             waited = await self._wait_for(loader.store, self.keys.product(product_id), deadline)
             if isinstance(waited, bytes):
-                return waited[_H:] or None
+                return await self._product_of(waited)
             if not waited:
                 break
             # True: the lease is gone and no value came; lease it ourselves at once.
@@ -137,32 +147,42 @@ class Reader:
                 self._redis_failed(exc)
             else:
                 self.breaker.success()
-                found = self._cached_products(unique, values)
-                misses = [i for i in unique if i not in found]
-                _MISS["batch"].inc(len(misses))
-                _HIT["batch"].inc(len(unique) - len(misses))
-                if misses:
-                    found.update(await self._resolve_misses(loader, misses))
+                found = await self._cached_products(loader, unique, values, "batch")
                 return [found[i] for i in ids]
         _BYPASS["batch"].inc(len(unique))
         loaded = await self.repo.get_products(unique)
         return [p.data if (p := loaded.get(i)) else None for i in ids]
 
-    def _cached_products(
-        self, ids: Sequence[str], values: Sequence[bytes | None]
+    async def _cached_products(
+        self, loader: Loader, ids: Sequence[str], values: Sequence[bytes | None], op: str
     ) -> dict[str, bytes | None]:
-        """Payloads of the entries present (None for negative ones); schedules due refreshes."""
+        """Each product of ``ids`` given its cached entry (None: not cached): named, None for
+        negative entries, misses loaded in one query. Schedules due refreshes."""
         found: dict[str, bytes | None] = {}
+        cached: dict[str, bytes] = {}
+        misses: list[str] = []
         for product_id, value in zip(ids, values, strict=True):
             if value:
                 self._refresh_product_if_due(product_id, value)
-                found[product_id] = value[_H:]
+                cached[product_id] = value
             elif value is not None:
                 found[product_id] = None
+            else:
+                misses.append(product_id)
+        if op != "list":
+            _MISS[op].inc(len(misses))
+            _HIT[op].inc(len(ids) - len(misses))
+        if misses:
+            found.update(await self._resolve_misses(loader, misses, cached))
+        if cached:
+            found.update(await self._with_names(cached))
         return found
 
-    async def _resolve_misses(self, loader: Loader, ids: list[str]) -> dict[str, bytes | None]:
-        """Load missing products in one query; fill those this call could lease."""
+    async def _resolve_misses(
+        self, loader: Loader, ids: list[str], cached: dict[str, bytes]
+    ) -> dict[str, bytes | None]:
+        """Load missing products in one query; fill those this call could lease. Entries that
+        appeared meanwhile go to ``cached`` (named by the caller)."""
         try:
             acquired = await loader.acquire_products(ids, "miss")
         except REDIS_FAILURES as exc:
@@ -174,7 +194,10 @@ class Reader:
         held: list[str] = []
         for product_id, outcome in zip(ids, acquired.outcomes, strict=True):
             if isinstance(outcome, bytes):
-                out[product_id] = outcome[_H:] or None
+                if outcome:
+                    cached[product_id] = outcome
+                else:
+                    out[product_id] = None
             else:
                 (leased if outcome else held).append(product_id)
         if leased or held:
@@ -183,6 +206,29 @@ class Reader:
                 p = loaded.get(product_id)
                 out[product_id] = p.data if p else None
         return out
+
+    # -- names ---------------------------------------------------------------------------------
+
+    async def _with_names(self, values: dict[str, bytes]) -> dict[str, bytes]:
+        """Cached product entries served with their names (byte concatenation, no decode),
+        loading every missing name of the request in one query."""
+        named = self.names.complete_all(values.values())
+        if named is not None:
+            return dict(zip(values, named, strict=True))
+        parts = {k: entry.product_parts(v) for k, v in values.items()}
+        categories, brands = await self.names.fragments(
+            {c for c, _, _ in parts.values()}, {b for _, b, _ in parts.values()}
+        )
+        return {
+            k: b"".join((values[k][start:], categories.get(c, b""), brands.get(b, b"")))
+            for k, (c, b, start) in parts.items()
+        }
+
+    async def _product_of(self, value: bytes) -> bytes | None:
+        """A product entry found while filling (ACQUIRE, or a watched fill): None if negative."""
+        if not value:
+            return None
+        return self.names.complete(value) or (await self._with_names({"": value}))[""]
 
     # -- ListProducts -------------------------------------------------------------------------
 
@@ -197,25 +243,31 @@ class Reader:
             args = (page_key, category_id, brand_id, after_id, page_size)
             empty = False
             try:
-                reply = await loader.store.assemble_page(page_key)
-                if reply is None:
+                page = await loader.store.get(page_key)
+                if page is None:
                     _MISS["list"].inc()
                     empty = await self._pages.do(page_key, lambda: self._fill_page(loader, *args))
                     if not empty:
-                        reply = await loader.store.assemble_page(page_key)
+                        page = await loader.store.get(page_key)
                 else:
                     _HIT["list"].inc()
-                    if self._due(reply[0] or b"", self.settings.page_xfetch_beta):
+                    if self._due(page, self.settings.page_xfetch_beta):
                         refresh = self._quietly(lambda: loader.fill_page(*args, "refresh"))
                         self._refreshes.launch(page_key, refresh)
+                ids, next_after = self._page_ids(page) if page else ([], "")
+                keys = [self.keys.product(i) for i in ids]
+                values = await loader.store.mget(keys) if keys else []
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
                 self.breaker.success()
                 if empty:
                     return Page([], "")
-                if reply is not None:
-                    return await self._complete_page(loader, reply)
+                if page is not None:
+                    found = await self._cached_products(loader, ids, values, "list")
+                    # A product deleted after the page was cached is skipped; its event voids
+                    # the page.
+                    return Page([p for i in ids if (p := found[i])], next_after)
         else:
             _BYPASS["list"].inc()
         rows = await self.repo.list_page(
@@ -246,16 +298,12 @@ class Reader:
             got = await loader.fill_page(*args, "miss")  # the lease is gone and no page came
         return got == EMPTY_PAGE
 
-    async def _complete_page(self, loader: Loader, reply: list[bytes | None]) -> Page:
-        head, _, rest = (reply[0] or b"")[_H:].partition(b"\n")
+    @staticmethod
+    def _page_ids(page: bytes) -> tuple[list[str], str]:
+        """(ids, next after-id) of a page entry: between its first two newlines, and before."""
+        head, _, rest = page[_H:].partition(b"\n")
         id_list = rest.partition(b"\n")[0]
-        ids = id_list.decode().split(",") if id_list else []
-        found = self._cached_products(ids, reply[1:])
-        missing = [i for i in ids if i not in found]
-        if missing:
-            found.update(await self._resolve_misses(loader, missing))
-        # A product deleted after the page was cached is skipped; its event voids the page.
-        return Page([p for i in ids if (p := found[i])], head.decode())
+        return (id_list.decode().split(",") if id_list else []), head.decode()
 
     # -- shared pieces ------------------------------------------------------------------------
 

@@ -1,34 +1,37 @@
 """Every Lua script the catalog runs, with its KEYS and ARGV. Registered once per client.
 
-Each script is one atomic step; together they implement DESIGN section 5:
+Each script is one atomic step of DESIGN section 5, and every key it touches is declared in KEYS
+and shares one Redis Cluster hash slot with the others of one call (core/keys.py): the store
+groups a call's entries by slot and runs one script per slot (core/cache/store.py). Scripts
+take a list of entries, so in standalone mode one call carries a whole batch.
 
-* ``ACQUIRE`` takes a lease per value key and, in the same step, registers the key in the tag
-  sets known before the database read, so an invalidation that runs while the fill is in flight
-  finds the key and voids its lease.
-* ``FILL`` writes a value only while its lease is still the caller's and the name generation is
-  the one seen at lease time, and adds the key to all its tags in the same step.
-* ``INVALIDATE`` deletes every member of the given tag sets together with their leases, then the
-  sets; being one script, a member added concurrently is either deleted or added after it.
+* ``ACQUIRE`` takes a lease per value key and, in the same step, adds a page to its filter's
+  page set (same slot), so an invalidation that runs while the fill is in flight finds the page
+  and voids its lease. Products need no set: their key is derived from the event's id.
+* ``FILL`` writes a value only while its lease is still the caller's and no newer version is
+  cached, and keeps a page in its filter's set in the same step.
+* ``INVALIDATE_PRODUCTS`` voids products and their leases; ``INVALIDATE_PAGES`` voids the pages
+  the caller read from a filter's set and returns members it was not given (added meanwhile),
+  which the caller voids in another round.
 
-Lua builds two kinds of key itself: a lease from its value key (``value .. ':lease'``, same hash
-slot) and product keys from the ids of a page (``ASSEMBLE_PAGE``). Under Redis Cluster those
-run per slot; see docs/architecture.md.
+Nothing in a value depends on a category's or brand's name (names are appended when a product
+is served, core/cache/names.py), so no script needs a name generation.
 """
 
 from __future__ import annotations
 
-# KEYS: gen, then per entry: value, lease, then `ntags` tag sets
-# ARGV: token, lease_ttl_ms, tag_min_ttl_ms, ntags, mode
+# KEYS: per entry: value, lease, then `nsets` sets (a page's filter page set, or none)
+# ARGV: token, lease_ttl_ms, set_min_ttl_ms, nsets, mode
 #   mode 'miss':    take the lease only if the value is absent and nobody holds the lease
 #   mode 'refresh': take the lease if nobody holds it, value or not (stale-while-revalidate)
 #   mode 'force':   take the lease whatever holds it (write-through: voids fills in flight)
-# Returns {gen, r1, r2, ...}: r = the value (bytes) when present in 'miss' mode, 1 when this call
-# took the lease, 0 when another reader holds it.
+# Returns {r1, r2, ...}: r = the value (bytes) when present in 'miss' mode, 1 when this call took
+# the lease, 0 when another reader holds it.
 ACQUIRE = """
-local token, lease_ttl, tag_ttl, ntags = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local token, lease_ttl, set_ttl, nsets = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local mode = ARGV[5]
-local out = {redis.call('GET', KEYS[1]) or '0'}
-local i = 2
+local out = {}
+local i = 1
 while i <= #KEYS do
   local value = mode == 'miss' and redis.call('GET', KEYS[i])
   local took
@@ -41,16 +44,16 @@ while i <= #KEYS do
       took = redis.call('SET', KEYS[i + 1], token, 'NX', 'PX', lease_ttl)
     end
     if took then
-      for t = i + 2, i + 1 + ntags do
-        redis.call('SADD', KEYS[t], KEYS[i])
-        if redis.call('PTTL', KEYS[t]) < tag_ttl then redis.call('PEXPIRE', KEYS[t], tag_ttl) end
+      for s = i + 2, i + 1 + nsets do
+        redis.call('SADD', KEYS[s], KEYS[i])
+        if redis.call('PTTL', KEYS[s]) < set_ttl then redis.call('PEXPIRE', KEYS[s], set_ttl) end
       end
       out[#out + 1] = 1
     else
       out[#out + 1] = 0
     end
   end
-  i = i + 2 + ntags
+  i = i + 2 + nsets
 end
 return out
 """
@@ -63,31 +66,30 @@ local function version_of(v)
 end
 """
 
-# KEYS: gen, then per entry: value, lease, then its tag sets
-# ARGV: token, gen_seen, tag_margin_ms, then per entry: ntags, ttl_ms, version, data
-# Returns {ok1, ok2, ...}: 1 written, 0 refused: lease voided/expired/foreign, generation moved,
-# or the entry already cached is newer. A lease still ours is released either way, so waiters
-# need not wait for it to expire.
+# KEYS: per entry: value, lease, then its sets (a page's filter page set, or none)
+# ARGV: token, set_margin_ms, then per entry: nsets, ttl_ms, version, data
+# Returns {ok1, ok2, ...}: 1 written, 0 refused: lease voided/expired/foreign, or the entry
+# already cached is newer. A lease still ours is released either way, so waiters need not wait
+# for it to expire.
 FILL = (
     _VERSION_OF
     + """
-local token, margin = ARGV[1], tonumber(ARGV[3])
-local gen_ok = (redis.call('GET', KEYS[1]) or '0') == ARGV[2]
+local token, margin = ARGV[1], tonumber(ARGV[2])
 local out = {}
-local k, a = 2, 4
+local k, a = 1, 3
 while a <= #ARGV do
-  local ntags, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local nsets, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   local version, data = tonumber(ARGV[a + 2]), ARGV[a + 3]
   local value, lease = KEYS[k], KEYS[k + 1]
   local own = redis.call('GET', lease) == token
   if own then redis.call('DEL', lease) end
-  if own and gen_ok and version_of(redis.call('GET', value)) <= version then
-    -- Tags before the value: a script that fails midway is not rolled back, and a tag without
-    -- its value is harmless where a value missing from a tag could never be invalidated.
-    for t = k + 2, k + 1 + ntags do
-      redis.call('SADD', KEYS[t], value)
-      if redis.call('PTTL', KEYS[t]) < ttl + margin then
-        redis.call('PEXPIRE', KEYS[t], ttl + margin)
+  if own and version_of(redis.call('GET', value)) <= version then
+    -- Sets before the value: a script that fails midway is not rolled back, and a set member
+    -- without its value is harmless where a value missing from its set could never be voided.
+    for s = k + 2, k + 1 + nsets do
+      redis.call('SADD', KEYS[s], value)
+      if redis.call('PTTL', KEYS[s]) < ttl + margin then
+        redis.call('PEXPIRE', KEYS[s], ttl + margin)
       end
     end
     redis.call('SET', value, data, 'PX', ttl)
@@ -95,20 +97,20 @@ while a <= #ARGV do
   else
     out[#out + 1] = 0
   end
-  k, a = k + 2 + ntags, a + 4
+  k, a = k + 2 + nsets, a + 4
 end
 return out
 """
 )
 
-# KEYS: lease, then the tag sets its value key was registered in.  ARGV: token, value key.
-# A load that caches nothing (an empty list page): drops the lease if still ours and the value
-# key's registration in its tag sets (a set left empty disappears), so it leaves no key behind.
+# KEYS: lease, the filter's page set, the page.  ARGV: token.
+# A load that caches nothing (an empty list page): drops the lease if still ours and the page's
+# membership in its set (a set left empty disappears), so it leaves no key behind.
 # Returns 1 if the lease was ours.
 ABANDON = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-for i = 2, #KEYS do redis.call('SREM', KEYS[i], ARGV[2]) end
+redis.call('SREM', KEYS[2], KEYS[3])
 return 1
 """
 
@@ -132,63 +134,61 @@ end
 return n
 """
 
-# KEYS: gen, then tag sets.  ARGV: bump_generation ('1' or '0'), lease suffix, tag margin ms,
-# then per tag: a minimum version and the tag's derivable member ("" if none).
-# Minimum version 0 deletes every member; v > 0 keeps a member already cached at version >= v
-# (a write-through that got there first) and deletes the rest. Leases are always deleted. The
-# derivable member (a product tag's product key) is processed even when the set itself is gone,
-# e.g. evicted or expired, so a product edit is never lost with its tag set. A set rebuilt for
-# kept members lives at least as long as they do plus the margin (never without a TTL).
-# Returns the number of value keys and leases deleted.
-INVALIDATE = (
+# KEYS: per product: value, lease.  ARGV: per product: a minimum version.
+# Minimum version 0 deletes the value; v > 0 keeps a value already cached at version >= v (a
+# write-through that got there first) and deletes an older one. The lease is always deleted, so
+# a fill that read before the change is refused. Returns the number of keys deleted.
+INVALIDATE_PRODUCTS = (
     _VERSION_OF
     + """
-local margin = tonumber(ARGV[3])
 local n = 0
-for i = 2, #KEYS do
-  local members = redis.call('SMEMBERS', KEYS[i])
-  local min_version = tonumber(ARGV[2 * i]) or 0
-  if ARGV[2 * i + 1] ~= '' then members[#members + 1] = ARGV[2 * i + 1] end
-  local kept = {}
-  local keep_ttl = math.max(redis.call('PTTL', KEYS[i]), margin)
-  for j = 1, #members do
-    local m = members[j]
-    if min_version > 0 and version_of(redis.call('GET', m)) >= min_version then
-      kept[#kept + 1] = m
-      keep_ttl = math.max(keep_ttl, redis.call('PTTL', m) + margin)
-      n = n + redis.call('DEL', m .. ARGV[2])
-    else
-      n = n + redis.call('DEL', m, m .. ARGV[2])
-    end
-  end
-  redis.call('DEL', KEYS[i])
-  if #kept > 0 then
-    redis.call('SADD', KEYS[i], unpack(kept))
-    redis.call('PEXPIRE', KEYS[i], keep_ttl)
+for i = 1, #KEYS, 2 do
+  local min_version = tonumber(ARGV[(i + 1) / 2]) or 0
+  if min_version > 0 and version_of(redis.call('GET', KEYS[i])) >= min_version then
+    n = n + redis.call('DEL', KEYS[i + 1])
+  else
+    n = n + redis.call('DEL', KEYS[i], KEYS[i + 1])
   end
 end
-if ARGV[1] == '1' then redis.call('INCR', KEYS[1]) end
 return n
 """
 )
 
-# KEYS: page key.  ARGV: product key prefix, product key suffix, entry header length.
-# A page entry's payload starts "<next_after_id>\n<id>,<id>,...\n" (core/cache/entry.py
-# pack_page); the ids are read between the first two newlines. Returns false on a miss, else
-# {page, product1 or false, product2 or false, ...} in page order.
-ASSEMBLE_PAGE = """
-local page = redis.call('GET', KEYS[1])
-if not page then return false end
-local nl = string.find(page, '\\n', tonumber(ARGV[3]) + 1, true)
-local ids_end = string.find(page, '\\n', nl + 1, true) or (#page + 1)
-local keys = {}
-for id in string.gmatch(string.sub(page, nl + 1, ids_end - 1), '[^,]+') do
-  keys[#keys + 1] = ARGV[1] .. id .. ARGV[2]
+# KEYS: per filter: its page set, then the pages the caller read from it, each with its lease.
+# ARGV: per filter: the number of pages declared.
+# Deletes every declared page and lease and removes the page from its set. Members the caller
+# did not declare (added by an ACQUIRE since its SMEMBERS) cannot be deleted here (their keys
+# were not declared): they are returned, and the caller repeats with them.
+# Returns {keys deleted, then per filter: the number of undeclared members, then those members}.
+INVALIDATE_PAGES = """
+local deleted, out = 0, {0}
+local k = 1
+for f = 1, #ARGV do
+  local set, n = KEYS[k], tonumber(ARGV[f])
+  for j = k + 1, k + 2 * n, 2 do
+    deleted = deleted + redis.call('DEL', KEYS[j], KEYS[j + 1])
+    redis.call('SREM', set, KEYS[j])
+  end
+  local left = redis.call('SMEMBERS', set)
+  out[#out + 1] = #left
+  for j = 1, #left do out[#out + 1] = left[j] end
+  k = k + 1 + 2 * n
 end
-if #keys == 0 then return {page} end
-local out = redis.call('MGET', unpack(keys))
-table.insert(out, 1, page)
+out[1] = deleted
 return out
+"""
+
+# KEYS: registry sets.  ARGV: ttl_ms, then per set: the member to add.
+# Adds each member and raises each set's TTL to ``ttl_ms`` (never lowers it). Members are never
+# removed: one removed while a reader sits between its REGISTER and its ACQUIRE would hide that
+# reader's page from the next invalidation.
+REGISTER = """
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[i + 1])
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return #KEYS
 """
 
 # KEYS: the live hash of pending views.  ARGV: cap, then per distinct id: id, count.

@@ -1,11 +1,13 @@
-"""Redis under memory pressure: what eviction does to correctness (docs/operations.md).
+"""Redis under memory pressure: what eviction does to correctness (docs/architecture.md).
 
-Every cache key has a TTL and tag sets outlive their members, so with ``volatile-ttl`` values go
-before the tag sets that index them. A product's own key is also derivable from its tag, so a
-product edit is applied even if that tag set is gone."""
+Every cache key has a TTL, and page sets and registries outlive the pages they index, so with
+``volatile-ttl`` values go before the sets. A product's key is derived from the event's id, so a
+product edit is applied whatever else was evicted; names are not in Redis at all."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -14,7 +16,6 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
-from core.cache import entry
 from core.cache.reader import Reader
 from core.db import create_engine, libpq_url
 from core.keys import Keys, Tag
@@ -23,6 +24,7 @@ from core.settings import Settings
 from devtools.localservers import RedisProcess
 from service.app import create_redis, create_store
 from tests.conftest import SEED_PRODUCTS
+from tests.helpers import Delta, eventually
 
 IDS = [f"p{n:07d}" for n in range(1, SEED_PRODUCTS + 1)]
 
@@ -58,6 +60,24 @@ def db_names(url: str) -> dict[str, tuple[str, str]]:
         return {r[0]: (r[1], r[2]) for r in rows}
 
 
+def db_filters(url: str) -> list[tuple[str, str]]:
+    """Every category alone and every (category, brand) pair with products."""
+    with psycopg.connect(libpq_url(url)) as conn:
+        pairs = conn.execute("SELECT DISTINCT category_id, brand_id FROM products ORDER BY 1, 2")
+        combined = [(r[0], r[1]) for r in pairs]
+    return sorted({(c, "") for c, _ in combined}) + combined
+
+
+def db_page(url: str, category: str, brand: str) -> list[str]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        rows = conn.execute(
+            "SELECT id FROM products WHERE category_id = %s AND (%s = '' OR brand_id = %s) "
+            "ORDER BY id LIMIT 20",
+            (category, brand, brand),
+        )
+        return [r[0] for r in rows]
+
+
 async def read_all(reader: Reader) -> dict[str, tuple[str, str]]:
     out = {}
     for start in range(0, len(IDS), 100):
@@ -67,14 +87,25 @@ async def read_all(reader: Reader) -> dict[str, tuple[str, str]]:
     return out
 
 
-async def test_product_edit_applies_even_when_its_tag_set_was_evicted(
+async def read_pages(reader: Reader, filters: list[tuple[str, str]]) -> dict[str, list[str]]:
+    out = {}
+    for c, b in filters:
+        page = await reader.list_page(c, b, "", 20)
+        out[f"{c}/{b}"] = [pb.Product.FromString(p).id for p in page.products]
+    return out
+
+
+async def test_a_product_edit_applies_whatever_else_was_evicted(
     writable: Settings, parts: tuple[Redis, AsyncEngine, Reader]
 ) -> None:
     redis, _, reader = parts
     store, keys = reader.store, Keys(writable.key_namespace)
     assert store is not None
     await reader.get_product("p0000003")
-    await redis.delete(keys.tag(Tag.product("p0000003")))  # as if evicted
+    await reader.list_page("", "", "", 5)
+    for key in [k async for k in redis.scan_iter(match=f"{writable.key_namespace}:*")]:
+        if key != keys.product("p0000003").encode():
+            await redis.delete(key)  # as if evicted
     with psycopg.connect(libpq_url(writable.database_url)) as conn:
         conn.execute(
             "UPDATE products SET name = 'edited', version = version + 1 WHERE id = 'p0000003'"
@@ -89,34 +120,70 @@ async def test_full_redis_with_volatile_ttl_evicts_values_and_serves_nothing_sta
     redis, _, reader = parts
     store, keys = reader.store, Keys(writable.key_namespace)
     assert store is not None
-    used = int((await redis.info("memory"))["used_memory"])
-    await redis.config_set("maxmemory", used + 1_500_000)
-    await redis.config_set("maxmemory-policy", "volatile-ttl")
-    await redis.config_set("maxmemory-samples", 10)
+    follow = asyncio.create_task(reader.names.follow(redis, keys.names_channel))
+    try:
 
-    await read_all(reader)
-    # Ballast like other cached values (same TTL range), until Redis has evicted plenty.
-    n = 0
-    while int((await redis.info("stats"))["evicted_keys"]) < 500:
-        await redis.set(f"{writable.key_namespace}:ballast:{n}", b"x" * 4096, ex=300)
-        n += 1
-    await read_all(reader)  # refill what was evicted, under pressure
+        async def subscribed() -> bool:
+            return (
+                dict(await redis.pubsub_numsub(keys.names_channel))[keys.names_channel.encode()]
+                == 1
+            )
 
-    unindexed = 0
-    for value in await redis.mget([keys.product(i) for i in IDS]):
-        if isinstance(value, bytes) and value:
-            product = pb.Product.FromString(entry.payload(value))
-            tag = keys.tag(Tag.category(product.category.id))
-            unindexed += not await redis.sismember(tag, keys.product(product.id))
-    assert unindexed == 0, "values outlived the tag sets that index them"
+        await eventually(subscribed, what="the names subscription")
+        used = int((await redis.info("memory"))["used_memory"])
+        await redis.config_set("maxmemory", used + 1_500_000)
+        await redis.config_set("maxmemory-policy", "volatile-ttl")
+        await redis.config_set("maxmemory-samples", 10)
 
-    url = writable.database_url
-    with psycopg.connect(libpq_url(url)) as conn:
-        conn.execute("UPDATE products SET name = name || ' (edited)', version = version + 1")
-        conn.execute("UPDATE categories SET name = name || ' (renamed)'")
-        categories = [r[0] for r in conn.execute("SELECT id FROM categories")]
-    await store.invalidate([Tag.product(i) for i in IDS])
-    await store.invalidate([Tag.category(c) for c in categories])
+        url = writable.database_url
+        filters = db_filters(url)
+        await read_all(reader)
+        await read_pages(reader, filters)
+        # Ballast like other cached values (same TTL range), until Redis has evicted plenty.
+        n = 0
+        while int((await redis.info("stats"))["evicted_keys"]) < 500:
+            await redis.set(f"{writable.key_namespace}:ballast:{n}", b"x" * 4096, ex=300)
+            n += 1
+        await read_all(reader)  # refill what was evicted, under pressure
+        await read_pages(reader, filters)
 
-    assert await read_all(reader) == db_names(url), "a read returned stale data after eviction"
-    assert int((await redis.info("stats"))["evicted_keys"]) >= 500
+        unindexed = 0
+        for c, b in filters:
+            page = keys.page(c, b, "", 20)
+            if await redis.exists(page):
+                unindexed += not await redis.sismember(keys.pages(c, b), page)
+                if b:
+                    unindexed += not await redis.sismember(keys.category_registry(c), b)
+                    unindexed += not await redis.sismember(keys.brand_registry(b), c)
+        assert unindexed == 0, "pages outlived the sets that index them"
+
+        with psycopg.connect(libpq_url(url)) as conn:
+            conn.execute("UPDATE products SET name = name || ' (edited)', version = version + 1")
+            moved = conn.execute(
+                "UPDATE products p SET category_id = c.id FROM categories c "
+                "WHERE p.id <= 'p0000030' AND c.id = (SELECT min(id) FROM categories "
+                "WHERE id <> p.category_id) RETURNING p.id, c.id"
+            ).fetchall()
+            conn.execute("UPDATE categories SET name = name || ' (renamed)'")
+            categories = [r[0] for r in conn.execute("SELECT id FROM categories")]
+        old = {pid: c for pid, c in moved}
+        broadcasts = Delta("catalog_name_broadcasts_total")
+        await store.invalidate([Tag.product(i) for i in IDS])
+        await store.invalidate(
+            [Tag.list_category(c) for c in categories] + [Tag.list_brand(b) for _, b in filters]
+        )
+        await store.invalidate([Tag.category(c) for c in categories])
+
+        async def delivered() -> bool:
+            return broadcasts() == len(categories)
+
+        await eventually(delivered, what="the rename broadcasts")
+        assert old, "some products moved"
+        assert await read_all(reader) == db_names(url), "a read returned stale data"
+        pages = await read_pages(reader, filters)
+        assert pages == {f"{c}/{b}": db_page(url, c, b) for c, b in filters}, "a stale page"
+        assert int((await redis.info("stats"))["evicted_keys"]) >= 500
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow

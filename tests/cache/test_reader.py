@@ -17,11 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.cache import entry
+from core.cache.loader import names_of
+from core.cache.names import NameTable
 from core.cache.reader import Reader
 from core.cache.store import Acquired, FillItem
 from core.db import create_engine, libpq_url
 from core.keys import Keys, Tag
-from core.repository import LoadedProduct, Repository
+from core.repository import LoadedProduct, Repository, category_fragment
 from core.settings import Settings
 from devtools.localservers import RedisProcess
 from service.app import create_store, start
@@ -73,6 +75,12 @@ def db_execute(url: str, sql: str, *params: object) -> None:
         conn.execute(sql, params)
 
 
+def stored(raw: bytes | None) -> pb.Product:
+    """The product a cache entry holds (names are not stored: they come from the name table)."""
+    assert raw, "a product entry"
+    return pb.Product.FromString(raw[entry.product_parts(raw)[2] :])
+
+
 async def test_stale_fill_after_invalidation_is_refused(
     writable: Settings, engine_for: AsyncEngine, redis_client: Redis
 ) -> None:
@@ -99,9 +107,7 @@ async def test_stale_fill_after_invalidation_is_refused(
     fresh = Reader(store, Repository(engine_for), Keys(writable.key_namespace), writable)
     assert pb.Product.FromString(await fresh.get_product(PID) or b"").name == "renamed"
     cached = await store.get(Keys(writable.key_namespace).product(PID))
-    assert pb.Product.FromString(entry.payload(cached or b"")).name == "renamed", (
-        "cache ends equal to the DB"
-    )
+    assert stored(cached).name == "renamed", "cache ends equal to the DB"
 
 
 def schedules(rng: random.Random) -> list[tuple[bool, list[int]]]:
@@ -116,39 +122,51 @@ def schedules(rng: random.Random) -> list[tuple[bool, list[int]]]:
     return out
 
 
-async def test_interleavings_never_leave_a_stale_entry(
+class Frozen:
+    """A clock that never moves: nothing in the name table expires, so only the epoch fence
+    can keep an old name out of it."""
+
+    def __call__(self) -> float:
+        return 1000.0
+
+
+async def test_interleavings_never_leave_a_stale_entry_or_name(
     writable: Settings, engine_for: AsyncEngine, redis_client: Redis
 ) -> None:
     """Readers (lease, read DB, fill) against a writer (update DB, invalidate), in every order
-    for one reader and random orders for two, with product edits and category renames;
-    afterwards the cache equals the DB."""
+    for one reader and random orders for two, with product edits and category renames.
+    A reader's fill writes the product entry under its lease and installs the names it read
+    under the name epoch it saw before reading; a rename's invalidation is announced, and its
+    delivery drops the name. Afterwards the cache and the name table equal the DB."""
     store = create_store(redis_client, writable)
     keys = Keys(writable.key_namespace)
     repo = Repository(engine_for)
-    key, product_tag = keys.product(PID), keys.tag(Tag.product(PID))
+    names = NameTable(repo.get_names, writable.name_ttl_ms, Frozen())
+    key = keys.product(PID)
     url = writable.database_url
     rng = random.Random(2024)
     category_id = (await repo.get_products([PID]))[PID].category_id
 
     for round_no, (rename, order) in enumerate(schedules(rng)):
-        leases: dict[str, Acquired] = {}
+        leases: dict[str, tuple[Acquired, int, float]] = {}
         rows: dict[str, LoadedProduct] = {}
 
         def reader_steps(me: str) -> list[Callable[[], Awaitable[None]]]:
             async def lease() -> None:
-                leases[me] = await store.acquire([key], [[product_tag]])
+                leases[me] = (await store.acquire([key]), names.epoch, names.now())
 
             async def read() -> None:
                 rows[me] = (await repo.get_products([PID]))[PID]
 
             async def fill() -> None:
-                acquired, row = leases[me], rows[me]
+                (acquired, epoch, loaded_at), row = leases[me], rows[me]
+                names.install(names_of([row]), epoch, loaded_at)
                 if acquired.outcomes == [True]:
-                    cat, brand = Tag.category(row.category_id), Tag.brand(row.brand_id)
-                    data = entry.pack(row.data, row.version, 0, 0)
-                    tags = [product_tag, keys.tag(cat), keys.tag(brand)]
-                    item = FillItem(key, data, 60_000, tags, row.version)
-                    await store.fill(acquired.token, acquired.generation, [item])
+                    data = entry.pack_product(
+                        row.base, row.category_id, row.brand_id, row.version, 0, 0
+                    )
+                    item = FillItem(key, data, 60_000, version=row.version)
+                    await store.fill(acquired.token, [item])
 
             return [lease, read, fill]
 
@@ -169,7 +187,10 @@ async def test_interleavings_never_leave_a_stale_entry(
                 )
 
         async def invalidate() -> None:
-            await store.invalidate([Tag.category(category_id)] if rename else [Tag.product(PID)])
+            tag = Tag.category(category_id) if rename else Tag.product(PID)
+            await store.invalidate([tag])
+            if tag.renamed:
+                names.drop(tag.renamed.encode())  # the broadcast's delivery
 
         actors: list[list[Callable[[], Awaitable[None]]]] = [
             reader_steps("a"),
@@ -179,12 +200,18 @@ async def test_interleavings_never_leave_a_stale_entry(
         for actor in order:
             await actors[actor].pop(0)()
 
+        name, category_name = db_product(url, PID)
         cached = await store.get(key)
         if cached:
-            product = pb.Product.FromString(entry.payload(cached))
-            assert (product.name, product.category.name) == db_product(url, PID), (
-                f"round {round_no}"
-            )
+            assert stored(cached).name == name, f"round {round_no}: stale product"
+        held = (
+            names.pair(category_id.encode(), stored(cached).brand.id.encode()) if cached else None
+        )
+        fresh = await names.fragments([category_id.encode()], [])
+        assert fresh[0][category_id.encode()] == category_fragment(category_name), (
+            f"round {round_no}: stale name"
+        )
+        assert held is None or held[0] == category_fragment(category_name)
         await store.invalidate([Tag.product(PID)])
 
 
@@ -260,9 +287,7 @@ async def test_a_waiter_whose_lease_holder_lost_its_lease_takes_the_lease_at_onc
 
     assert pb.Product.FromString(got or b"").name == "voided"
     cached = await store.get(keys.product(PID))
-    assert cached and pb.Product.FromString(entry.payload(cached)).name == "voided", (
-        "B filled the cache under a lease of its own"
-    )
+    assert stored(cached).name == "voided", "B filled the cache under a lease of its own"
     paused.proceed.set()
     await in_flight
     assert refused() == 1, "A's fill, which read before the update, was refused"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.cache.store import CacheStore, FillItem
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.publisher import Publisher
 from core.settings import Settings
 from invalidator.consumer import Consumer
@@ -62,12 +62,28 @@ def publisher(redis: Redis, keys: Keys) -> Publisher:
     return Publisher(redis, keys, maxlen=100_000)
 
 
-async def fill(store: CacheStore, key: str, tags: Iterable[Tag], data: bytes = b"v") -> None:
-    """Cache ``data`` under ``key`` the way readers do: lease (registered in tags), then fill."""
-    tag_keys = [store.keys.tag(t) for t in tags]
-    got = await store.acquire([key], [tag_keys])
+async def fill(store: CacheStore, key: str, data: bytes = b"v") -> None:
+    """Cache ``data`` under a product key the way readers do: lease, then fill."""
+    got = await store.acquire([key])
     assert got.outcomes == [True]
-    assert await store.fill(got.token, got.generation, [FillItem(key, data, 600_000, tag_keys)])
+    assert await store.fill(got.token, [FillItem(key, data, 600_000)])
+
+
+async def fill_page(store: CacheStore, category: str, brand: str, data: bytes = b"v") -> str:
+    """Cache a page of the filter the way readers do (a combined filter registered first, the
+    page in its filter's page set); returns its key."""
+    keys = store.keys
+    key, pages = keys.page(category, brand, "", 10), keys.pages(category, brand)
+    if category and brand:
+        registries = [
+            (keys.category_registry(category), brand),
+            (keys.brand_registry(brand), category),
+        ]
+        await store.register(registries, 600_000)
+    got = await store.acquire([key], "miss", [pages])
+    assert got.outcomes == [True]
+    assert await store.fill(got.token, [FillItem(key, data, 600_000, pages)])
+    return key
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from core.cache.store import CacheStore
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.settings import Settings
 from invalidator.deadletter import list_dead_letters
 from invalidator.settings import InvalidatorSettings
@@ -80,7 +80,7 @@ async def test_redrive_of_poison_and_empty_letters_crashes_nothing(
     redis: Redis,
     keys: Keys,
 ) -> None:
-    await fill(store, keys.product("1"), [Tag.product("1")])
+    await fill(store, keys.product("1"))
     consumer = consumers.start("c")
     base = {"schema": "1", "type": "product.updated", "event_id": "e", "product_id": "1"}
     poison = {**base, "occurred_at": "9" * 400, "dlq_reason": "field 'occurred_at' ..."}

@@ -19,7 +19,7 @@ from core.events import (
     Invalidation,
     new_event,
 )
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.publisher import Publisher
 from core.settings import Settings
 from invalidator.consumer import Consumer
@@ -27,7 +27,7 @@ from invalidator.deadletter import list_dead_letters, redrive
 from invalidator.settings import InvalidatorSettings
 from invalidator.worker import redis_clients
 from tests.helpers import eventually
-from tests.invalidator.conftest import Consumers, counted, exists, fill, group_info
+from tests.invalidator.conftest import Consumers, counted, exists, fill, fill_page, group_info
 
 
 async def drained(redis: Redis, keys: Keys) -> bool:
@@ -37,24 +37,21 @@ async def drained(redis: Redis, keys: Keys) -> bool:
 
 @pytest.fixture
 async def cached(store: CacheStore, keys: Keys) -> dict[str, str]:
-    """Products 1 (c1, b1) and 2 (c2, b2), and list pages per filter."""
-    names = {
-        "p1": keys.product("1"),
-        "p2": keys.product("2"),
-        "c1": keys.page("c1", "", "", 10),
-        "c2": keys.page("c2", "", "", 10),
-        "c3": keys.page("c3", "", "", 10),
-        "b1": keys.page("", "b1", "", 10),
-        "b2": keys.page("", "b2", "", 10),
-        "all": keys.page("", "", "", 10),
-    }
-    await fill(store, names["p1"], [Tag.product("1"), Tag.category("c1"), Tag.brand("b1")])
-    await fill(store, names["p2"], [Tag.product("2"), Tag.category("c2"), Tag.brand("b2")])
-    for f in ("c1", "c2", "c3"):
-        await fill(store, names[f], [Tag.list_category(f)])
-    for f in ("b1", "b2"):
-        await fill(store, names[f], [Tag.list_brand(f)])
-    await fill(store, names["all"], [Tag.list_all()])
+    """Products 1 (c1, b1) and 2 (c2, b2), and list pages per filter, combined ones included."""
+    names = {"p1": keys.product("1"), "p2": keys.product("2")}
+    await fill(store, names["p1"])
+    await fill(store, names["p2"])
+    for name, (category, brand) in {
+        "c1": ("c1", ""),
+        "c2": ("c2", ""),
+        "c3": ("c3", ""),
+        "b1": ("", "b1"),
+        "b2": ("", "b2"),
+        "all": ("", ""),
+        "c1b1": ("c1", "b1"),
+        "c2b1": ("c2", "b1"),
+    }.items():
+        names[name] = await fill_page(store, category, brand)
     return names
 
 
@@ -70,7 +67,7 @@ async def cached(store: CacheStore, keys: Keys) -> dict[str, str]:
                 "previous_category_id": "c1",
                 "brand_id": "b1",
             },
-            {"p1", "c1", "c3"},
+            {"p1", "c1", "c3", "c1b1"},
         ),
         (
             {
@@ -79,14 +76,15 @@ async def cached(store: CacheStore, keys: Keys) -> dict[str, str]:
                 "brand_id": "b1",
                 "previous_brand_id": "b2",
             },
-            {"p2", "b1", "b2"},
+            {"p2", "b1", "b2", "c1b1", "c2b1"},
         ),
         (
             {"type": PRODUCT_CREATED, "product_id": "9", "category_id": "c2", "brand_id": "b2"},
-            {"c2", "b2", "all"},
+            {"c2", "b2", "all", "c2b1"},
         ),
-        ({"type": CATEGORY_UPDATED, "category_id": "c1"}, {"p1"}),
-        ({"type": BRAND_UPDATED, "brand_id": "b2"}, {"p2"}),
+        # Renames change no cached value (names are appended when served): announced only.
+        ({"type": CATEGORY_UPDATED, "category_id": "c1"}, set()),
+        ({"type": BRAND_UPDATED, "brand_id": "b2"}, set()),
     ],
 )
 async def test_event_deletes_exactly_its_keys(
@@ -105,19 +103,26 @@ async def test_event_deletes_exactly_its_keys(
     assert {name for name, there in present.items() if not there} == gone
 
 
-async def test_rename_voids_fills_in_flight(
-    store: CacheStore, consumers: Consumers, publisher: Publisher, redis: Redis, keys: Keys
+async def test_renames_are_announced_on_the_names_channel_after_they_are_applied(
+    cached: dict[str, str],
+    consumers: Consumers,
+    publisher: Publisher,
+    redis: Redis,
+    keys: Keys,
 ) -> None:
-    """DESIGN 5.2: a fill leased before a rename (so not yet in category:<id>) is refused."""
-    key = keys.product("5")
-    got = await store.acquire([key], [[keys.tag(Tag.product("5"))]])
+    """Every process drops a renamed name from its table on these messages
+    (core/cache/names.py); no cached value changes."""
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.names_channel)
+    assert (await pubsub.get_message(timeout=10))["type"] == "subscribe"
     consumers.start("c")
     await publisher.publish(new_event(CATEGORY_UPDATED, category_id="c1"))
-    await eventually(lambda: drained(redis, keys), what="rename acked")
-    from core.cache.store import FillItem
-
-    item = FillItem(key, b"old name", 60_000, [keys.tag(Tag.category("c1"))])
-    assert await store.fill(got.token, got.generation, [item]) == [False]
+    await publisher.publish(new_event(BRAND_UPDATED, brand_id="b2"))
+    await eventually(lambda: drained(redis, keys), what="renames acked")
+    got = [await pubsub.get_message(timeout=10) for _ in range(2)]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert sorted(bytes(m["data"]) for m in got) == [b"b:b2", b"c:c1"]
+    assert await exists(redis, *cached.values()) == [True] * len(cached)
 
 
 async def test_batch_is_one_invalidation_and_all_acked(
@@ -128,8 +133,8 @@ async def test_batch_is_one_invalidation_and_all_acked(
     keys: Keys,
 ) -> None:
     for i in range(300):
-        await fill(store, keys.product(str(i)), [Tag.product(str(i))])
-    await fill(store, keys.product("keep"), [Tag.product("keep")])
+        await fill(store, keys.product(str(i)))
+    await fill(store, keys.product("keep"))
     await publisher.publish_many(new_event(PRODUCT_UPDATED, product_id=str(i)) for i in range(300))
     consumer = consumers.start("c", invalidator_batch_size=300)
     await eventually(counted(consumer, total=300), what="batch acked")
@@ -168,13 +173,13 @@ async def test_malformed_and_unknown_entries_are_dead_lettered_at_once(
 async def test_poison_event_is_dead_lettered_after_n_deliveries_and_group_keeps_flowing(
     store: CacheStore, consumers: Consumers, publisher: Publisher, redis: Redis, keys: Keys
 ) -> None:
-    # A tag key of the wrong type makes INVALIDATE fail for this product, and only for it.
-    await redis.set(keys.tag(Tag.product("poison")), "not a set")
+    # A product key of the wrong type makes a versioned INVALIDATE fail for it, and only for it.
+    await redis.sadd(keys.product("poison"), "not a product")
     for pid in ("a", "b", "c"):
-        await fill(store, keys.product(pid), [Tag.product(pid)])
+        await fill(store, keys.product(pid))
     await publisher.publish_products_updated([])
     await publisher.publish_product_updated("a")
-    await publisher.publish_product_updated("poison")
+    await publisher.publish_product_updated("poison", version=2)
     await publisher.publish_product_updated("b")
     consumer = consumers.start("c", invalidator_max_deliveries=3)
     await eventually(lambda: _gone(redis, keys.product("a"), keys.product("b")), what="a, b")
@@ -187,7 +192,7 @@ async def test_poison_event_is_dead_lettered_after_n_deliveries_and_group_keeps_
     assert letter.original["product_id"] == "poison"
     assert consumer.stats.failed == 3, "dead-lettered after its third failed attempt, not before"
     # Fixed the data: re-driving the dead letter now applies it.
-    await redis.delete(keys.tag(Tag.product("poison")))
+    await redis.delete(keys.product("poison"))
     assert (await redrive(redis, keys, [letter.id], maxlen=1000)).redriven == 1
     await eventually(lambda: drained(redis, keys), what="re-driven event acked")
     assert await list_dead_letters(redis, keys) == []
@@ -217,7 +222,7 @@ async def test_idle_block_longer_than_socket_timeout_raises_no_error(
     consumer = consumers.start("idle", **idle)
     await eventually(lambda: _true(consumer.stats.idle_reads >= 2), what="two idle blocks")
     assert consumer.stats.errors == 0
-    await fill(store, keys.product("late"), [Tag.product("late")])
+    await fill(store, keys.product("late"))
     await publisher.publish_product_updated("late")
     await eventually(lambda: _gone(redis, keys.product("late")), what="event after idle")
     assert consumer.stats.errors == 0
@@ -265,7 +270,7 @@ async def test_slow_batch_in_progress_is_not_reclaimed(
 async def test_restarted_consumer_first_drains_its_own_pending_entries(
     store: CacheStore, consumers: Consumers, publisher: Publisher, redis: Redis, keys: Keys
 ) -> None:
-    await fill(store, keys.product("1"), [Tag.product("1")])
+    await fill(store, keys.product("1"))
     await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
     await publisher.publish_product_updated("1")
     # A previous life of "stable-name" read the entry and died before acking it.
@@ -286,9 +291,9 @@ async def test_stop_leaves_the_group_only_when_clean(
     assert await consumers.stop(clean) is True
     assert b"clean" not in [c["name"] for c in await redis.xinfo_consumers(keys.stream, keys.group)]
 
-    await redis.set(keys.tag(Tag.product("poison")), "not a set")
+    await redis.sadd(keys.product("poison"), "not a product")
     stuck = consumers.start("stuck", invalidator_claim_min_idle_ms=600_000)
-    await publisher.publish_product_updated("poison")
+    await publisher.publish_product_updated("poison", version=2)
     await eventually(lambda: _true(stuck.stats.failed == 1), what="failure")
     assert await consumers.stop(stuck) is False
     (info,) = await redis.xinfo_consumers(keys.stream, keys.group)

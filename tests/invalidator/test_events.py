@@ -219,17 +219,18 @@ def test_tags_for_follows_the_design_mapping(extra: dict[str, str], tags: set[st
     assert {t.name for t in tags_for(parse(fields(**extra)))} == tags
 
 
-def test_only_renames_bump_the_generation() -> None:
+def test_only_renames_are_announced_as_renames() -> None:
     renames = [
         parse(fields(type=CATEGORY_UPDATED, category_id="c")),
         parse(fields(type=BRAND_UPDATED, brand_id="b")),
     ]
-    assert all(t.embeds_name for e in renames for t in tags_for(e))
+    assert [t.renamed for e in renames for t in tags_for(e)] == ["c:c", "b:b"]
     moved = parse(
         fields(type=PRODUCT_UPDATED, product_id="1", category_id="c2", previous_category_id="c1")
     )
-    assert not any(t.embeds_name for t in tags_for(moved))
+    assert not any(t.renamed for t in tags_for(moved))
     assert Tag.list_category("c1") in tags_for(moved)
+    assert {t.list_filter for t in tags_for(moved)} == {None, ("c1", ""), ("c2", "")}
 
 
 def test_versioned_product_updates_keep_entries_at_or_past_the_highest_version() -> None:

@@ -11,12 +11,12 @@ from redis.asyncio import Redis
 
 from core.cache.store import CacheStore
 from core.events import MAX_ENTRY_BYTES
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.publisher import Publisher
 from invalidator import consumer as consumer_module
 from invalidator.deadletter import TRUNCATED, list_dead_letters
 from tests.helpers import eventually
-from tests.invalidator.conftest import Consumers, counted, exists, fill, group_info
+from tests.invalidator.conftest import Consumers, counted, exists, fill, fill_page, group_info
 
 BASE = {"schema": "1", "type": "product.updated", "event_id": "e", "occurred_at": "1"}
 
@@ -68,9 +68,8 @@ async def test_each_hostile_entry_is_dead_lettered_alone_and_valid_neighbours_ar
 ) -> None:
     valid = [f"v{i}" for i in range(len(HOSTILE) + 1)]
     for pid in valid:
-        await fill(store, keys.product(pid), [Tag.product(pid)])
-    page = keys.page("c1", "", "", 10)
-    await fill(store, page, [Tag.list_category("c1")])
+        await fill(store, keys.product(pid))
+    page = await fill_page(store, "c1", "")
     await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
     # One batch: valid, hostile, valid, hostile, ..., valid.
     for pid, (_, fields, _) in zip(valid, HOSTILE, strict=False):
@@ -91,7 +90,7 @@ async def test_each_hostile_entry_is_dead_lettered_alone_and_valid_neighbours_ar
     assert (consumer.stats.processed, consumer.stats.dead_lettered) == (len(valid), len(HOSTILE))
     assert await exists(redis, page) == [True], "the half move voided no list page"
     # The loops survived: the next valid event is applied too.
-    await fill(store, keys.product("after"), [Tag.product("after")])
+    await fill(store, keys.product("after"))
     await publisher.publish_product_updated("after")
     await eventually(lambda: _gone(redis, keys.product("after")), what="event after the batch")
     (_, task, _) = consumers.running[0]
@@ -116,7 +115,7 @@ async def test_an_unexpected_error_while_parsing_costs_that_entry_only(
 
     monkeypatch.setattr(consumer_module, "parse", buggy)
     for pid in ("before", "after"):
-        await fill(store, keys.product(pid), [Tag.product(pid)])
+        await fill(store, keys.product(pid))
     await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
     for pid in ("before", "boom", "after"):
         await publisher.publish_product_updated(pid)
@@ -141,7 +140,7 @@ async def test_an_entry_delivered_many_times_is_attempted_and_applied(
     """Timeouts and restarts raise the delivery count without any failed attempt: the count alone
     must not dead-letter an entry. ``c`` restarts and drains it as its own pending entry;
     ``dead-consumer``'s entry is reclaimed by ``c`` after min-idle."""
-    await fill(store, keys.product("1"), [Tag.product("1")])
+    await fill(store, keys.product("1"))
     await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
     entry_id = await publisher.publish_product_updated("1")
     await redis.xreadgroup(keys.group, holder, {keys.stream: ">"})

@@ -5,9 +5,9 @@ A rule written in SQL reaches the cache through its capture trigger, the outbox 
 consumer that has no database: the entries carry the products' ids. An outside publisher's
 ``price_rule.changed`` that names only a category or brand is looked up in PostgreSQL by the
 consumer, in bounded batches; a consumer without database access sets it aside with the reason.
-Entries are cached as the loader caches them (registered under product, category and brand), so
-"no tag set involved" is checked directly: the category's set and the name generation are left
-as they were, and every product outside the rule's scope is still cached."""
+Entries are cached as the loader caches them; a list page of the rule's category is cached too
+and must stay (a price changes no page), and every product outside the rule's scope is still
+cached."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from invalidator.outbox import OutboxRelay
 from invalidator.scopes import DatabaseScopes
 from invalidator.settings import InvalidatorSettings
 from tests.helpers import eventually
-from tests.invalidator.conftest import Consumers, counted, fill
+from tests.invalidator.conftest import Consumers, counted, fill, fill_page
 
 
 async def catalog(db: AsyncEngine) -> dict[str, tuple[str, str]]:
@@ -43,10 +43,9 @@ async def catalog(db: AsyncEngine) -> dict[str, tuple[str, str]]:
 
 
 async def cache_all(store: CacheStore, keys: Keys, products: dict[str, tuple[str, str]]) -> None:
-    """Every product cached as the loader caches it: under product, category and brand."""
-    for pid, (category, brand) in products.items():
-        tags = [Tag.product(pid), Tag.category(category), Tag.brand(brand)]
-        await fill(store, keys.product(pid), tags)
+    """Every product cached as the loader caches it (no set: its key is derived from its id)."""
+    for pid in products:
+        await fill(store, keys.product(pid))
 
 
 async def gone(redis: Redis, keys: Keys, products: Sequence[str]) -> set[str]:
@@ -115,9 +114,7 @@ async def test_a_rule_written_in_sql_voids_exactly_its_categorys_products_by_id(
     category = "c00003"
     covered = {pid for pid, (c, _) in products.items() if c == category}
     await cache_all(store, keys, products)
-    tag_set = keys.tag(Tag.category(category))
-    members_before = await redis.smembers(tag_set)
-    generation = await redis.get(keys.generation)
+    page = await fill_page(store, category, "")
 
     await sql(db, RULE.format(id="r1", scope="category", target=category))
     entries = await relay_all(db, publisher)
@@ -127,8 +124,7 @@ async def test_a_rule_written_in_sql_voids_exactly_its_categorys_products_by_id(
 
     assert await gone(redis, keys, list(products)) == covered, "exactly the category's products"
     assert all(t.product_id for call in consumer.calls for t in call), "product tags only"
-    assert await redis.smembers(tag_set) == members_before, "the category's tag set untouched"
-    assert await redis.get(keys.generation) == generation, "no name generation bump"
+    assert await redis.exists(page), "the category's list page untouched"
     assert await list_dead_letters(redis, keys) == []
 
 
@@ -173,7 +169,6 @@ async def test_an_outside_publishers_rule_naming_only_a_scope_is_looked_up_in_ba
     index = 0 if scope == "category" else 1
     covered = {pid for pid, cb in products.items() if cb[index] == target}
     await cache_all(store, keys, products)
-    generation = await redis.get(keys.generation)
 
     if scope == "category":
         await publisher.publish(new_event(PRICE_RULE_CHANGED, category_id=target))
@@ -187,7 +182,6 @@ async def test_an_outside_publishers_rule_naming_only_a_scope_is_looked_up_in_ba
     sizes = [len(call) for call in consumer.calls]
     assert sum(sizes) == len(covered) and max(sizes) == 7, "bounded batches, each id once"
     assert {t.product_id for call in consumer.calls for t in call} == covered
-    assert await redis.get(keys.generation) == generation
 
 
 async def test_an_empty_scope_voids_nothing_and_is_acked(
@@ -245,7 +239,7 @@ async def test_a_failed_lookup_fails_that_entry_alone(
         settings.replace(database_url=settings.database_url.rsplit("/", 1)[0] + "/no_such_db")
     )
     try:
-        await fill(store, keys.product("p0000001"), [Tag.product("p0000001")])
+        await fill(store, keys.product("p0000001"))
         await publisher.publish(new_event(PRICE_RULE_CHANGED, brand_id="b00001"))
         await publisher.publish(new_event(PRODUCT_UPDATED, product_id="p0000001"))
         consumer = consumers.start(

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from core.cache.store import CacheStore
 from core.events import PRICE_RULE_CHANGED, PRODUCT_UPDATED, new_event
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.publisher import Publisher
 from core.settings import Settings
 from invalidator.deadletter import list_dead_letters
@@ -107,12 +107,10 @@ async def test_sigkilled_consumer_loses_nothing(
     total = 10_000
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(total):  # one cached product per event, plus bystanders that must stay
-            tag_key = keys.tag(Tag.product(str(i)))
             pipe.set(keys.product(str(i)), b"v", px=600_000)
-            pipe.sadd(tag_key, keys.product(str(i)))
         await pipe.execute()
     for i in range(20):
-        await fill(store, keys.product(f"other{i}"), [Tag.product(f"other{i}")])
+        await fill(store, keys.product(f"other{i}"))
     await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
     victim = processes.start("victim", CATALOG_INVALIDATOR_BATCH_SIZE="100")
     survivor = processes.start("survivor", CATALOG_INVALIDATOR_BATCH_SIZE="100")
@@ -178,7 +176,7 @@ async def test_process_survives_hostile_entries_and_applies_the_valid_ones(
         {**base, "occurred_at": "1", "blob": "x" * 1_000_000},
     ]
     for pid in ("before", "after"):
-        await fill(store, keys.product(pid), [Tag.product(pid)])
+        await fill(store, keys.product(pid))
     await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
     for fields in hostile:
         await redis.xadd(keys.stream, fields)
@@ -228,7 +226,7 @@ async def test_a_consumer_only_process_looks_up_a_scope_only_rule_or_sets_it_asi
         await engine.dispose()
     assert covered
     for pid in [*covered, "bystander"]:
-        await fill(store, keys.product(pid), [Tag.product(pid)])
+        await fill(store, keys.product(pid))
     await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
     await publisher.publish(new_event(PRICE_RULE_CHANGED, category_id="c00005"))
     processes.start(

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.cache.store import CacheStore
 from core.events import PRODUCT_UPDATED, Invalidation, new_event, to_fields
-from core.keys import Keys, Tag
+from core.keys import Keys
 from core.publisher import Publisher
 from invalidator.consumer import Consumer, apply_invalidation
 from invalidator.outbox import Apply, OutboxRelay
@@ -71,7 +71,7 @@ async def test_a_committed_change_is_gone_after_the_relay_alone_and_the_consumer
     made: list[OutboxRelay],
 ) -> None:
     key = keys.product(PRODUCT)
-    await fill(store, key, [Tag.product(PRODUCT)])
+    await fill(store, key)
     await bump(db, PRODUCT)
 
     relay = fast_relay(db, publisher, lambda inv: apply_invalidation(store, inv), made)
@@ -96,7 +96,7 @@ async def test_what_the_relay_cannot_apply_is_left_to_the_consumer(
     made: list[OutboxRelay],
 ) -> None:
     key = keys.product(PRODUCT)
-    await fill(store, key, [Tag.product(PRODUCT)])
+    await fill(store, key)
     await bump(db, PRODUCT)
     calls: list[Invalidation] = []
 
