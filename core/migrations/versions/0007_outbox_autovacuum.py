@@ -21,19 +21,29 @@ down_revision = "0006"
 branch_labels = None
 depends_on = None
 
-SETTINGS = (
-    "autovacuum_vacuum_scale_factor = 0",
-    "autovacuum_vacuum_threshold = 10000",
-    "autovacuum_vacuum_insert_scale_factor = 0",
-    "autovacuum_vacuum_insert_threshold = 10000",
-    "autovacuum_vacuum_cost_delay = 0",
+UPGRADE = """
+ALTER TABLE outbox SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 10000,
+    autovacuum_vacuum_insert_scale_factor = 0,
+    autovacuum_vacuum_insert_threshold = 10000,
+    autovacuum_vacuum_cost_delay = 0
 )
+"""
+DOWNGRADE = """
+ALTER TABLE outbox RESET (
+    autovacuum_vacuum_scale_factor,
+    autovacuum_vacuum_threshold,
+    autovacuum_vacuum_insert_scale_factor,
+    autovacuum_vacuum_insert_threshold,
+    autovacuum_vacuum_cost_delay
+)
+"""
 
 
 def upgrade() -> None:
-    op.execute(f"ALTER TABLE outbox SET ({', '.join(SETTINGS)})")
+    op.execute(UPGRADE)
 
 
 def downgrade() -> None:
-    names = ", ".join(setting.split(" = ")[0] for setting in SETTINGS)
-    op.execute(f"ALTER TABLE outbox RESET ({names})")
+    op.execute(DOWNGRADE)
