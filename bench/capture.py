@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from redis.asyncio import Redis
@@ -35,6 +35,7 @@ from bench.measure import cpu_seconds, percentile
 from bench.report import Row
 from core.db import libpq_url
 from core.keys import Keys
+from core.redisclient import connect
 from core.settings import Settings
 from devtools.localservers import free_port, wait_for_port
 from devtools.serverprocess import settings_env
@@ -236,7 +237,7 @@ async def _phases(
     settings: Settings, pid: int, rate: int, seconds: float, idle_s: float
 ) -> tuple[list[float], list[float], list[float], int, float, dict[str, float]]:
     assert settings.redis_url
-    redis = Redis.from_url(settings.redis_url)
+    redis = cast(Redis, connect(settings, socket_timeout=30))  # benchmarks: one Redis
     try:
         await _wait_ready(redis, Keys(settings.key_namespace))
         one = await sequential_phase(redis, settings, SEQUENTIAL)

@@ -82,6 +82,23 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes when it has a hash tag (``a{b}c`` -> ``b``)."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else None
+
+
+def slot_mate(key: str, suffix: str) -> str:
+    """A key named ``key + suffix`` in ``key``'s hash slot: as is when ``key`` has a hash tag,
+    else tagged with ``key`` itself (``ns:events`` -> ``ns:events:dead:{ns:events}``)."""
+    if hash_tag(key) is not None:
+        return key + suffix
+    if "{" in key or "}" in key:
+        raise ValueError(f"{key!r} has braces but no hash tag: no other key can share its slot")
+    return key + suffix + "{" + key + "}"
+
+
 class Keys:
     """Key builder bound to one namespace. Build once in ``app.py`` and pass it down."""
 
@@ -162,3 +179,8 @@ class Keys:
     def views_flushes(self) -> str:
         """Set of the flush ids whose hash is not yet written and released."""
         return self._views + "flushes"
+
+    def fence(self, tag: str) -> str:
+        """A throw-away key written right before ``WAIT`` (:class:`core.redisclient.ReplicaWait`)
+        in the hash slot of ``tag``: a replica that has it has every earlier write of its node."""
+        return self._views.removesuffix("{views}:") + "fence:{" + tag + "}"

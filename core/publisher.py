@@ -12,10 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from core.events import PRODUCT_UPDATED, Event, new_event, to_fields
 from core.keys import Keys
+from core.redisclient import RedisClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +30,7 @@ class ProductUpdate:
 
 
 class Publisher:
-    def __init__(self, redis: Redis, keys: Keys, *, maxlen: int) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, *, maxlen: int) -> None:
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen

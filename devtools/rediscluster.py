@@ -25,7 +25,14 @@ _BUS_OFFSET = 10_000
 class RedisCluster:
     """``primaries`` primaries with ``replicas`` replicas each, owned by this process."""
 
-    def __init__(self, workdir: Path, *, primaries: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        primaries: int = 3,
+        replicas: int = 0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         if primaries < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 primaries")
         self.workdir = workdir
@@ -35,7 +42,7 @@ class RedisCluster:
                 "--cluster-node-timeout", "2000",
                 "--cluster-replica-validity-factor", "0")  # fmt: skip
         self.nodes = [
-            RedisProcess(workdir / f"node{i}", _cluster_port(), *args)
+            RedisProcess(workdir / f"node{i}", _cluster_port(), *args, *extra_args)
             for i in range(primaries * (1 + replicas))
         ]
         self.replicas = replicas

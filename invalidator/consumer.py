@@ -31,7 +31,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -40,6 +39,7 @@ from core import tracing
 from core.cache.store import CacheStore
 from core.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
 from core.keys import Keys
+from core.redisclient import ReaderId, RedisClient, reader_id, transaction, unblock
 from invalidator import metrics
 from invalidator.deadletter import dead_letter_fields
 from invalidator.settings import InvalidatorSettings
@@ -83,8 +83,8 @@ def _entries(reply: Any) -> list[Entry]:
 class Consumer:
     def __init__(
         self,
-        redis: Redis,
-        reader: Redis,
+        redis: RedisClient,
+        reader: RedisClient,
         store: CacheStore,
         keys: Keys,
         settings: InvalidatorSettings,
@@ -101,7 +101,7 @@ class Consumer:
         self.stats = Stats()
         self.ready = False
         self._stopping = asyncio.Event()
-        self._reader_id: int | None = None
+        self._reader_id: ReaderId | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -198,8 +198,8 @@ class Consumer:
             await self._failed_call("recreate group", exc)
 
     async def _read_new(self) -> list[Entry]:
-        if self._reader_id is None:
-            self._reader_id = int(await self.reader.client_id())
+        # The connection the read will wait on (in cluster mode: on the stream's node).
+        self._reader_id = await reader_id(self.reader, self.keys.stream, self._reader_id)
         try:
             reply = await self.reader.xreadgroup(
                 self.keys.group,
@@ -220,7 +220,7 @@ class Consumer:
         while True:
             if self._reader_id is not None:
                 with contextlib.suppress(RedisError):
-                    await self.redis.client_unblock(self._reader_id)
+                    await unblock(self.redis, self._reader_id)
             await asyncio.sleep(0.05)
 
     async def _reclaim_loop(self) -> None:
@@ -336,7 +336,7 @@ class Consumer:
         ids = [*done, *(entry_id for entry_id, _, _ in dead)]
         if not ids:
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with transaction(self.redis) as pipe:  # one slot: the streams share it
             for entry_id, fields, reason in dead:
                 letter = dead_letter_fields(
                     fields, reason=reason, entry_id=entry_id, consumer=self.name

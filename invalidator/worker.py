@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -21,6 +22,7 @@ from core import entrypoint, tracing
 from core.cache.store import CacheStore
 from core.metrics import sample_loop_lag, start_metrics_server, watch_pools
 from core.publisher import Publisher
+from core.redisclient import RedisClient, connect
 from core.settings import Settings, otel_environ
 from core.tls import server_credentials
 from invalidator.consumer import Consumer
@@ -32,20 +34,12 @@ from invalidator.viewflush import ViewFlusher
 log = logging.getLogger(__name__)
 
 
-def redis_clients(base: Settings, settings: InvalidatorSettings) -> tuple[Redis, Redis]:
-    """(commands client, blocking-read client). The second has one connection whose socket
-    timeout is longer than BLOCK, so an idle wait never ends in a timeout error."""
-    commands = Redis.from_url(
-        base.redis_url,
-        socket_timeout=settings.invalidator_socket_timeout_s,
-        socket_connect_timeout=base.redis_connect_timeout_s,
-    )
-    reader = Redis.from_url(
-        base.redis_url,
-        socket_timeout=settings.read_timeout_s,
-        socket_connect_timeout=base.redis_connect_timeout_s,
-        single_connection_client=True,
-    )
+def redis_clients(base: Settings, settings: InvalidatorSettings) -> tuple[RedisClient, RedisClient]:
+    """(commands client, blocking-read client). The second has one connection (per node, in
+    cluster mode) whose socket timeout is longer than BLOCK, so an idle wait never ends in a
+    timeout error, and whose id :func:`core.redisclient.reader_id` can tell."""
+    commands = connect(base, socket_timeout=settings.invalidator_socket_timeout_s)
+    reader = connect(base, socket_timeout=settings.read_timeout_s, single_connection=True)
     return commands, reader
 
 
@@ -72,7 +66,10 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
     tracing.instrument_redis(redis)  # no-op unless tracing is on
     watch_pools(redis=redis)
     store = CacheStore(
-        redis, keys, lease_ttl_ms=base.lease_ttl_ms, tag_margin_ms=int(base.tag_ttl_margin_s * 1000)
+        cast(Redis, redis),  # typed for one Redis until the cache runs on a cluster (v3)
+        keys,
+        lease_ttl_ms=base.lease_ttl_ms,
+        tag_margin_ms=int(base.tag_ttl_margin_s * 1000),
     )
     consumer = (
         Consumer(redis, reader, store, keys, settings, settings.consumer_name())

@@ -11,8 +11,8 @@ from typing import Any
 
 from grpc import aio
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
 
+from core.redisclient import RedisClient, keys_in_namespace
 from core.settings import Settings
 from service.auth import insecure_writer_channel
 
@@ -86,8 +86,9 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
-async def delete_namespace(client: Redis, namespace: str) -> None:
-    """Delete every key a test made under its own namespace (never anything else)."""
-    made = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
-    if made:
-        await client.delete(*made)
+async def delete_namespace(client: RedisClient, namespace: str) -> None:
+    """Delete every key a test made under its own namespace (never anything else), on every
+    primary of a cluster."""
+    made = [k async for k in keys_in_namespace(client, f"{namespace}:*")]
+    for start in range(0, len(made), 1000):
+        await client.delete(*made[start : start + 1000])

@@ -7,6 +7,7 @@ product edit is applied even if that tag set is gone."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 import psycopg
 import pytest
@@ -40,7 +41,7 @@ def writable(settings: Settings, fresh_database_url: str, private_redis: RedisPr
 
 @pytest.fixture
 async def parts(writable: Settings) -> AsyncIterator[tuple[Redis, AsyncEngine, Reader]]:
-    redis = create_redis(writable)
+    redis = cast(Redis, create_redis(writable))  # standalone here
     engine = create_engine(writable)
     reader = Reader(
         create_store(redis, writable), Repository(engine), Keys(writable.key_namespace), writable
