@@ -133,14 +133,10 @@ def transaction(client: RedisClient) -> Pipeline:
 
 
 async def keys_in_namespace(client: RedisClient, pattern: str) -> AsyncIterator[bytes]:
-    """SCAN MATCH ``pattern`` over the server, or over every primary of a cluster."""
-    if isinstance(client, RedisCluster):
-        for node in client.get_primaries():
-            async for key in client.scan_iter(match=pattern, count=1000, target_nodes=node):
-                yield key
-    else:
-        async for key in client.scan_iter(match=pattern, count=1000):
-            yield key
+    """SCAN MATCH ``pattern`` over the server, or over every primary of a cluster (a key may
+    come twice, as SCAN allows)."""
+    async for key in client.scan_iter(match=pattern, count=1000):
+        yield key
 
 
 async def mget(client: RedisClient, keys: list[str]) -> list[bytes | None]:
@@ -163,6 +159,11 @@ def slot_tag(slot: int) -> str:
         if key_slot(str(n).encode()) == slot:
             return str(n)
     raise AssertionError("unreachable")
+
+
+class ReplicationShortfall(RedisError):
+    """Fewer replicas than ``CATALOG_REDIS_WAIT_REPLICAS`` acknowledged writes in time: they
+    may be lost with their primary, so whatever they record must not be marked done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ class ReplicaWait:
             return True
         targets: list[tuple[Redis, int]] = []
         if isinstance(client, Cluster):
+            await client.initialize()  # a no-op once it knows the slot map
             for node, slot in _nodes_and_slots(client, written):
                 targets.append((client.node_client(node), slot))
         elif isinstance(client, RedisCluster):
@@ -202,6 +204,13 @@ class ReplicaWait:
         if isinstance(client, Cluster) and not all(acked):
             client.refresh()  # a refused fence may mean the slot moved: learn the map again
         return all(acked)
+
+    async def require(self, client: RedisClient, written: Iterable[str] | None = None) -> None:
+        """:meth:`__call__`, raising :class:`ReplicationShortfall` instead of returning False."""
+        if not await self(client, written):
+            raise ReplicationShortfall(
+                f"fewer than {self.replicas} replicas acknowledged within {self.timeout_ms} ms"
+            )
 
     async def _wait(self, node: Redis, slot: int) -> bool:
         async with node.pipeline(transaction=False) as pipe:
@@ -281,6 +290,7 @@ __all__ = [
     "ReaderId",
     "RedisClient",
     "ReplicaWait",
+    "ReplicationShortfall",
     "connect",
     "connect_sync",
     "is_cluster",

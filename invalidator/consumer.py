@@ -39,7 +39,14 @@ from core import tracing
 from core.cache.store import CacheStore
 from core.events import Event, Invalidation, ParseError, RawFields, invalidation_for, parse
 from core.keys import Keys
-from core.redisclient import ReaderId, RedisClient, reader_id, transaction, unblock
+from core.redisclient import (
+    ReaderId,
+    RedisClient,
+    ReplicaWait,
+    reader_id,
+    transaction,
+    unblock,
+)
 from invalidator import metrics
 from invalidator.deadletter import dead_letter_fields
 from invalidator.settings import InvalidatorSettings
@@ -89,10 +96,13 @@ class Consumer:
         keys: Keys,
         settings: InvalidatorSettings,
         name: str,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         """``reader`` is used only for the blocking XREADGROUP; its socket timeout must exceed
-        BLOCK (:attr:`InvalidatorSettings.read_timeout_s`)."""
+        BLOCK (:attr:`InvalidatorSettings.read_timeout_s`). ``replicas``: the WAIT between a
+        batch's invalidation and its ack (none by default)."""
         self.redis = redis
+        self.replicas = replicas or ReplicaWait(keys)
         self.reader = reader
         self.store = store
         self.keys = keys
@@ -284,6 +294,8 @@ class Consumer:
         with tracing.continued("catalog.invalidate", [e.traceparent for _, e in good]):
             async with self._holding([entry_id for entry_id, _ in entries]):
                 done, failed = await self._invalidate_events(good)
+                if done and not await self.replicated():
+                    done = []  # pending: reclaimed and applied again (invalidation is idempotent)
             limit = self.settings.invalidator_max_deliveries
             raw = dict(entries)
             for entry_id, error in failed:
@@ -297,6 +309,19 @@ class Consumer:
             if entry_id in applied:  # a set: a list made this quadratic in the batch size
                 metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def replicated(self) -> bool:
+        """The WAIT before an ack: every primary's writes, this batch's invalidations among
+        them, are on ``CATALOG_REDIS_WAIT_REPLICAS`` replicas (True at once when that is 0). A
+        failover loses only what no replica had, so nothing unreplicated is acked."""
+        if await self.replicas(self.redis):
+            return True
+        metrics.REPLICA_WAIT_SHORT.labels("invalidator").inc()
+        log.warning(
+            "a batch's invalidations are on fewer than %d replicas: not acked",
+            self.replicas.replicas,
+        )
+        return False
 
     async def invalidate(self, invalidation: Invalidation) -> int:
         """The one place keys are deleted (a seam for tests that need a slow batch)."""

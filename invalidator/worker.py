@@ -22,7 +22,7 @@ from core import entrypoint, tracing
 from core.cache.store import CacheStore
 from core.metrics import sample_loop_lag, start_metrics_server, watch_pools
 from core.publisher import Publisher
-from core.redisclient import RedisClient, connect
+from core.redisclient import RedisClient, ReplicaWait, connect
 from core.settings import Settings, otel_environ
 from core.tls import server_credentials
 from invalidator.consumer import Consumer
@@ -71,8 +71,9 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
         lease_ttl_ms=base.lease_ttl_ms,
         tag_margin_ms=int(base.tag_ttl_margin_s * 1000),
     )
+    replicas = ReplicaWait.from_settings(base, keys)
     consumer = (
-        Consumer(redis, reader, store, keys, settings, settings.consumer_name())
+        Consumer(redis, reader, store, keys, settings, settings.consumer_name(), replicas)
         if settings.invalidator_consume
         else None
     )
@@ -106,7 +107,7 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
                 assert engine is not None
                 relay = OutboxRelay(
                     engine,
-                    Publisher(redis, keys, maxlen=settings.event_stream_maxlen),
+                    Publisher(redis, keys, maxlen=settings.event_stream_maxlen, replicas=replicas),
                     batch_size=settings.outbox_batch_size,
                     poll_s=settings.outbox_poll_ms / 1000,
                     retention_s=settings.outbox_retention_s,

@@ -9,12 +9,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from grpc import aio
 from prometheus_client import REGISTRY
 
 from core.redisclient import RedisClient, keys_in_namespace
 from core.settings import Settings
 from service.auth import insecure_writer_channel
+
+#: Keeps a test of a module opted in to both topologies (its ``settings`` is ``topo_settings``)
+#: on one Redis: it depends on the cached format, which spans slots until v3.
+standalone_only = pytest.mark.parametrize("redis_topology", ["standalone"], indirect=True)
 
 PAGE_TOKEN_SECRET = "test-page-token-secret-not-for-production"
 WRITE_TOKEN = "test-write-token-0123456789abcdef"

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from core.cache.store import CacheStore, FillItem
 from core.keys import Keys, Tag
 from core.publisher import Publisher
-from core.redisclient import RedisClient, connect
+from core.redisclient import RedisClient, ReplicaWait, connect
 from core.settings import Settings
 from invalidator.consumer import Consumer
 from invalidator.settings import InvalidatorSettings
@@ -84,13 +84,17 @@ class Consumers:
     )
 
     def start(
-        self, name: str, cls: Callable[..., Consumer] = Consumer, **overrides: Any
+        self,
+        name: str,
+        cls: Callable[..., Consumer] = Consumer,
+        replicas: ReplicaWait | None = None,
+        **overrides: Any,
     ) -> Consumer:
         isettings = self.isettings.replace(**overrides)
         redis, reader = redis_clients(self.settings, isettings)
         keys = isettings.keys(self.settings)
         store = CacheStore(cast(Redis, redis), keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
-        consumer = cls(redis, reader, store, keys, isettings, name)
+        consumer = cls(redis, reader, store, keys, isettings, name, replicas)
         self.running.append((consumer, asyncio.create_task(consumer.serve()), [redis, reader]))
         return consumer
 
