@@ -47,6 +47,7 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -177,6 +178,13 @@ class Cluster(RedisCluster):
         except (AttributeError, IndexError, KeyError) as exc:  # redis-py internals mid-refresh
             self.refresh()
             raise ClusterUnavailable(f"cluster client failed: {type(exc).__name__}: {exc}") from exc
+        except RedisError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # CPython 3.11: a cancellation that meets a failing connect (a node just
+                # killed) comes out of redis-py as a ConnectionError. Give it back.
+                raise asyncio.CancelledError from exc
+            raise
 
     def _gated(self) -> Any:
         return _Gate(self._gate, self._gate_timeout)

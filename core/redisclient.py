@@ -16,6 +16,7 @@ a blocking reader's connection (:func:`reader_id`, :func:`unblock`). Lua scripts
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -116,6 +117,15 @@ def connect_sync(
     if settings.redis_mode == "cluster":
         return redis.RedisCluster.from_url(settings.redis_url, **timeouts)
     return redis.Redis.from_url(settings.redis_url, **timeouts)
+
+
+def cancel_pending() -> bool:
+    """True when the current task has been asked to stop. A cancellation that meets a failing
+    connection can get lost in redis-py (CPython 3.11): it comes out as a ``ConnectionError``,
+    or not at all. A loop that is stopped by cancelling it checks this after each Redis call,
+    or it outlives its cancellation, and so does whoever awaits it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def is_cluster(client: RedisClient) -> bool:
@@ -291,6 +301,7 @@ __all__ = [
     "RedisClient",
     "ReplicaWait",
     "ReplicationShortfall",
+    "cancel_pending",
     "connect",
     "connect_sync",
     "is_cluster",

@@ -43,6 +43,7 @@ from core.redisclient import (
     ReaderId,
     RedisClient,
     ReplicaWait,
+    cancel_pending,
     reader_id,
     transaction,
     unblock,
@@ -231,6 +232,8 @@ class Consumer:
             if self._reader_id is not None:
                 with contextlib.suppress(RedisError):
                     await unblock(self.redis, self._reader_id)
+                if cancel_pending():  # see _heartbeat
+                    raise asyncio.CancelledError
             await asyncio.sleep(0.05)
 
     async def _reclaim_loop(self) -> None:
@@ -418,6 +421,8 @@ class Consumer:
                 )
             except RedisError as exc:
                 log.warning("heartbeat of %d in-progress entries failed: %s", len(ids), exc)
+            if cancel_pending():  # the batch is done, but redis-py lost the cancellation
+                raise asyncio.CancelledError
 
     # -- helpers -----------------------------------------------------------------------------
 
