@@ -155,16 +155,21 @@ class Cluster(RedisCluster):
     ) -> ClusterNode | None:
         return _adopt(super().get_node(host, port, node_name))
 
+    async def ready(self) -> None:
+        """Learn the slot map if it is not known (a no-op otherwise); failures as
+        :meth:`execute_command` reports them."""
+        if self._initialize:
+            await self._guarded(self.initialize)
+
     def refresh(self) -> None:
         """Rebuild the slot map before the next command (after a failure that may mean it moved)."""
         self._initialize = True
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self._gated():
-            if self._initialize:
-                # Learn the slot map before routing: redis-py routes a command that arrives
-                # during its first initialize by a map still being built.
-                await self._guarded(self.initialize)
+            # Learn the slot map before routing: redis-py routes a command that arrives during
+            # its first initialize by a map still being built.
+            await self.ready()
             return await self._guarded(super().execute_command, *args, **kwargs)
 
     async def _guarded(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -282,10 +287,10 @@ class SlotTransaction(Pipeline):
         if not stack:
             return []
         try:
-            await self._owner.initialize()  # the slot map, and the parser _slot needs
+            await self._owner.ready()  # the slot map, and the parser _slot needs
             slot = await self._slot(stack)
             for attempt in range(TRANSACTION_ATTEMPTS):
-                await self._owner.initialize()
+                await self._owner.ready()
                 node = self._owner.nodes_manager.get_node_from_slot(slot)
                 self.connection_pool = self._owner.node_client(node).connection_pool
                 self.command_stack = list(stack)

@@ -203,7 +203,7 @@ class ReplicaWait:
             return True
         targets: list[tuple[Redis, int]] = []
         if isinstance(client, Cluster):
-            await client.initialize()  # a no-op once it knows the slot map
+            await client.ready()  # a no-op once it knows the slot map
             for node, slot in _nodes_and_slots(client, written):
                 targets.append((client.node_client(node), slot))
         elif isinstance(client, RedisCluster):
@@ -270,8 +270,9 @@ class ReaderId:
 async def reader_id(reader: RedisClient, key: str, known: ReaderId | None = None) -> ReaderId:
     """The id of the connection ``reader`` (built with ``single_connection=True``) reads ``key``
     on; ``known`` is returned as is while the key's slot stays on its node (no I/O)."""
+    if isinstance(reader, Cluster):
+        await reader.ready()  # a no-op once it knows the slot map
     if isinstance(reader, RedisCluster):
-        await reader.initialize()  # a no-op once it knows the slot map
         node = reader.get_node_from_key(key)
         if node is None:
             raise ClusterUnavailable(f"no node serves the slot of {key!r}")
