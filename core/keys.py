@@ -10,10 +10,12 @@ Layout (``ns`` is ``CATALOG_KEY_NAMESPACE``, ``SCHEMA`` the cached-format versio
 ``<ns>:<SCHEMA>:t:<tag>``             tag set: the value keys that depend on ``<tag>``
 ``<ns>:<SCHEMA>:gen``                 generation of embedded names (bumped by renames)
 ``<ns>:events``                       the event stream (unversioned: publishers depend on it)
-``<ns>:events:dead``                  dead letters of the event stream (reason + original fields)
+``<ns>:events:dead``                  dead letters of the event stream (reason + original fields);
+                                      on a cluster ``<ns>:events:dead:{<ns>:events}`` (its slot)
 ``<ns>:{views}:pending``              hash: product id -> views not yet claimed by a flush
 ``<ns>:{views}:flush:<flush id>``     a pending hash swapped out by a flush, until written
 ``<ns>:{views}:flushes``              set of flush ids claimed and not yet released
+``<ns>:fence:{<tag>}``                written right before a WAIT for replicas, in ``<tag>``'s slot
 ====================================  ==========================================================
 
 Bumping ``SCHEMA`` on a deploy that changes a cached format makes new code ignore old bytes.
@@ -96,7 +98,7 @@ def slot_mate(key: str, suffix: str) -> str:
         return key + suffix
     if "{" in key or "}" in key:
         raise ValueError(f"{key!r} has braces but no hash tag: no other key can share its slot")
-    return key + suffix + "{" + key + "}"
+    return key + suffix + ":{" + key + "}"
 
 
 class Keys:

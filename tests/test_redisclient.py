@@ -343,3 +343,24 @@ def test_private_redis_has_no_cluster(private_redis: RedisProcess, tmp_path: Pat
 
     with pytest.raises(RedisClusterException, match="Cluster mode is not enabled"):
         connect_sync(make_settings(redis_url=private_redis.url, redis_mode="cluster")).ping()
+
+
+def test_on_a_cluster_dead_letters_share_the_stream_slot_and_a_name_that_does_not_is_refused() -> (
+    None
+):
+    from redis.crc import key_slot
+
+    from invalidator.settings import InvalidatorSettings
+
+    def dead(base: Settings, **env: str) -> str:
+        return InvalidatorSettings.from_env(env).keys(base).dead_letter_stream
+
+    cluster, standalone = make_settings(redis_mode="cluster"), make_settings()
+    assert dead(standalone) == "catalog:events:dead"  # unchanged on one Redis
+    assert dead(cluster) == "catalog:events:dead:{catalog:events}"
+    assert key_slot(dead(cluster).encode()) == key_slot(b"catalog:events")
+    assert dead(cluster, CATALOG_INVALIDATOR_STREAM="ev:{s}") == "ev:{s}:dead"
+    with pytest.raises(SettingsError, match="must share the hash slot of the stream"):
+        dead(cluster, CATALOG_INVALIDATOR_DEAD_LETTER_STREAM="catalog:events:dead")
+    with pytest.raises(SettingsError, match="has braces but no hash tag"):
+        dead(cluster, CATALOG_INVALIDATOR_STREAM="ev{s")
