@@ -24,11 +24,11 @@ PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I pr
 PROTO_VERSION_LINES := -I 'Protobuf Python Version:' -I '^GRPC_GENERATED_VERSION = ' \
 	-I '^    [0-9][0-9]*,$$'
 
-.PHONY: help install proto proto-check proto-lint api-package lint format test run bench \
+.PHONY: help install proto proto-check proto-lint api-package lint format test run run-cluster bench \
 	bench-quick lock secrets up down compose-check clean
 
 help:
-	@echo "targets: install proto proto-check proto-lint api-package lint format test run bench bench-quick lock secrets up down compose-check clean"
+	@echo "targets: install proto proto-check proto-lint api-package lint format test run run-cluster bench bench-quick lock secrets up down compose-check clean"
 
 install: $(STAMP)
 
@@ -115,6 +115,10 @@ test: install
 
 run: install
 	$(BIN)/python -m devtools.devrun
+
+# The same on a Redis Cluster: CATALOG_REDIS_URL's cluster, else a private 3-primary one.
+run-cluster: install
+	CATALOG_REDIS_MODE=cluster $(BIN)/python -m devtools.devrun
 
 # Needs the local PostgreSQL (BENCH_DATABASE_URL) and redis-server; see docs/benchmarks.md.
 bench: install

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from redis.asyncio import Redis
@@ -42,6 +42,7 @@ from bench.measure import cpu_seconds, percentile
 from bench.report import Row
 from core.db import libpq_url
 from core.keys import Keys
+from core.redisclient import connect
 from core.settings import Settings
 from devtools.localservers import free_port, wait_for_port
 from devtools.serverprocess import settings_env
@@ -309,7 +310,7 @@ async def _phases(
     settings: Settings, pids: list[int], rate: int, seconds: float, idle_s: float
 ) -> tuple[list[float], RatePhase, float, dict[str, float]]:
     assert settings.redis_url
-    redis = Redis.from_url(settings.redis_url)
+    redis = cast(Redis, connect(settings, socket_timeout=30))  # benchmarks: one Redis
     try:
         await _wait_ready(redis, Keys(settings.key_namespace))
         await vacuum(settings)

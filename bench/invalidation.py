@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -25,6 +26,7 @@ from core.cache import entry
 from core.events import PRODUCT_UPDATED, new_event
 from core.keys import Keys
 from core.publisher import Publisher
+from core.redisclient import connect
 from core.settings import Settings
 from devtools.localservers import free_port, wait_for_port
 from devtools.serverprocess import scrape, settings_env
@@ -156,7 +158,7 @@ async def _phases(
     settings: Settings, ports: list[int], rate: int, seconds: float, backlog: int
 ) -> tuple[list[float], int, list[float]]:
     assert settings.redis_url
-    redis = Redis.from_url(settings.redis_url)
+    redis = cast(Redis, connect(settings, socket_timeout=30))  # benchmarks: one Redis
     try:
         await redis.config_set("notify-keyspace-events", "Eg")
         await wait_ready(redis, Keys(settings.key_namespace), len(ports))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from redis import Redis
+from redis import Redis, RedisCluster
 
 from bench.environment import BenchEnv
 from bench.loadgen import Spec, run_process
@@ -21,6 +21,7 @@ from bench.report import Row
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.keys import Keys
+from core.redisclient import connect_sync
 from core.settings import Settings
 from devtools.serverprocess import ServerProcess
 
@@ -74,7 +75,11 @@ def warm(target: str) -> None:
 
 
 def load(
-    proc: ServerProcess, method: str, requests: list[bytes], timing: Timing, redis: Redis
+    proc: ServerProcess,
+    method: str,
+    requests: list[bytes],
+    timing: Timing,
+    redis: Redis | RedisCluster,
 ) -> dict[str, Any]:
     """One closed-loop run; adds Redis commands per call (all calls, warm-up included)."""
     before = int(redis.info("stats")["total_reads_processed"])
@@ -123,7 +128,7 @@ def run(env: BenchEnv, timing: Timing) -> list[Row]:
     cached_settings = env.settings()
     key = Keys(cached_settings.key_namespace).product(HOT_IDS[0])
     assert env.redis is not None
-    redis = Redis.from_url(env.redis.url)
+    redis = connect_sync(cached_settings, socket_timeout=30)
     rows: list[Row] = []
     try:
         with server(cached_settings) as cached:

@@ -3,25 +3,7 @@
 Layout (``ns`` is ``CATALOG_KEY_NAMESPACE``, ``SCHEMA`` the cached-format version, ``F`` a list
 filter ``(category, brand)`` with "" for any, ``H`` a 64-bit blake2b of its parts, in hex):
 
-=========================================  =====================================================
-``<ns>:<SCHEMA>:p:{<id>}``                 a product: header, ``<category>\n<brand>\n``, then
-                                           the ``Product`` bytes without names; or ``NEGATIVE``
-``<ns>:<SCHEMA>:p:{<id>}:lease``           fill lease of that product entry (same hash slot)
-``<ns>:<SCHEMA>:l:{f<H(F)>}:<H(pos)>``     a list page of ``F`` at one position and size
-``<ns>:<SCHEMA>:l:{f<H(F)>}:<..>:lease``   fill lease of that page
-``<ns>:<SCHEMA>:f:{f<H(F)>}:pages``        set of the page keys of ``F`` cached or being filled
-``<ns>:<SCHEMA>:f:{f<H(c,"")>}:brands``    category ``c``'s registry: brands ``b`` for which
-                                           ``(c, b)`` was ever leased
-``<ns>:<SCHEMA>:f:{f<H("",b)>}:categories`` brand ``b``'s registry: categories likewise
-``<ns>:<SCHEMA>:names``                    pub/sub channel: ``c:<id>`` / ``b:<id>`` after a
-                                           rename was applied (not a key)
-``<ns>:events``                            the event stream (unversioned: publishers depend on it)
-``<ns>:events:dead``                       dead letters of the event stream (reason + fields)
-``<ns>:{views}:pending``                   hash: product id -> views not yet claimed by a flush
-``<ns>:{views}:flush:<flush id>``          a pending hash swapped out by a flush, until written
-``<ns>:{views}:flushes``                   set of flush ids claimed and not yet released
-=========================================  =====================================================
-
+=========================================  ==============================================
 Bumping ``SCHEMA`` on a deploy that changes a cached format makes new code ignore old bytes.
 Braces are Redis Cluster hash tags, and every atomic step touches one slot: a product and its
 lease share the product's tag; every page of a filter, their leases, the filter's page set and
@@ -117,6 +99,23 @@ def _h(*parts: str, size: int = 8) -> str:
     return hashlib.blake2b("\x00".join(parts).encode(), digest_size=size).hexdigest()
 
 
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes when it has a hash tag (``a{b}c`` -> ``b``)."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else None
+
+
+def slot_mate(key: str, suffix: str) -> str:
+    """A key named ``key + suffix`` in ``key``'s hash slot: as is when ``key`` has a hash tag,
+    else tagged with ``key`` itself (``ns:events`` -> ``ns:events:dead:{ns:events}``)."""
+    if hash_tag(key) is not None:
+        return key + suffix
+    if "{" in key or "}" in key:
+        raise ValueError(f"{key!r} has braces but no hash tag: no other key can share its slot")
+    return key + suffix + ":{" + key + "}"
+
+
 class Keys:
     """Key builder bound to one namespace. Build once in ``app.py`` and pass it down."""
 
@@ -209,3 +208,8 @@ class Keys:
     def views_flushes(self) -> str:
         """Set of the flush ids whose hash is not yet written and released."""
         return self._views + "flushes"
+
+    def fence(self, tag: str) -> str:
+        """A throw-away key written right before ``WAIT`` (:class:`core.redisclient.ReplicaWait`)
+        in the hash slot of ``tag``: a replica that has it has every earlier write of its node."""
+        return self._views.removesuffix("{views}:") + "fence:{" + tag + "}"

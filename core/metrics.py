@@ -89,7 +89,18 @@ def watch_pools(engine: Any | None = None, redis: Any | None = None) -> None:
         DB_POOL.labels("in_use").set_function(_guarded(pool.checkedout))
         DB_POOL.labels("idle").set_function(_guarded(pool.checkedin))
         DB_POOL.labels("max").set_function(_guarded(lambda: pool.size() + max(overflow, 0)))
-    if redis is not None:
+    if redis is not None and hasattr(redis, "get_nodes"):  # a cluster: a pool per node
+        nodes = redis.get_nodes
+
+        def busy() -> float:
+            return sum(len(n._connections) - len(n._free) for n in nodes())
+
+        REDIS_POOL.labels("in_use").set_function(_guarded(busy))
+        REDIS_POOL.labels("idle").set_function(_guarded(lambda: sum(len(n._free) for n in nodes())))
+        REDIS_POOL.labels("max").set_function(
+            _guarded(lambda: sum(n.max_connections for n in nodes()))
+        )
+    elif redis is not None:
         rpool = redis.connection_pool
         # redis-py keeps these as private lists/sets; their sizes are all that is read.
         REDIS_POOL.labels("in_use").set_function(_guarded(lambda: len(rpool._in_use_connections)))

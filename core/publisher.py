@@ -12,10 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from core.events import PRODUCT_UPDATED, Event, new_event, to_fields
 from core.keys import Keys
+from core.redisclient import RedisClient, ReplicaWait
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +30,20 @@ class ProductUpdate:
 
 
 class Publisher:
-    def __init__(self, redis: Redis, keys: Keys, *, maxlen: int) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: Keys, *, maxlen: int, replicas: ReplicaWait | None = None
+    ) -> None:
+        """``replicas``: what :meth:`replicated` waits for (nothing by default)."""
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen
+        self.replicas = replicas or ReplicaWait(keys)
+
+    async def replicated(self, streams: Iterable[str]) -> None:
+        """Return once what was published to ``streams`` ("" = the event stream) is on
+        ``CATALOG_REDIS_WAIT_REPLICAS`` replicas (``WAIT``; nothing when 0); else raise
+        :class:`~core.redisclient.ReplicationShortfall`."""
+        await self.replicas.require(self.redis, {s or self.keys.stream for s in streams})
 
     async def publish(self, event: Event) -> str:
         """XADD one event; returns its stream id."""

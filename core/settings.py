@@ -26,6 +26,7 @@ T = TypeVar("T")
 DEV_PAGE_TOKEN_SECRET = "dev-only-page-token-secret"
 MIN_WRITE_TOKEN_LENGTH = 16
 MAX_SECRET_FILE_BYTES = 64 * 1024
+REDIS_MODES = ("standalone", "cluster")
 # A query parameter whose (decoded, lower-cased) name contains one of these carries a secret:
 # libpq's password and sslpassword, redis-py's password, and anything named like a credential.
 _SECRET_PARAMS = ("pass", "secret", "token", "credential", "auth")
@@ -79,6 +80,11 @@ class Settings:
         "postgresql+psycopg://postgres@127.0.0.1:5432/catalog", "SQLAlchemy URL of PostgreSQL"
     )
     redis_url: str = secret("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)")
+    redis_mode: str = option(
+        "standalone",
+        "standalone (one Redis, or a primary with replicas) or cluster (REDIS_URL names any "
+        "node of a Redis Cluster; the others are discovered)",
+    )
     grpc_address: str = option("127.0.0.1:50051", "host:port the gRPC server listens on")
     tls_cert_file: str = option("", "PEM certificate (chain) of the gRPC ports; empty = plaintext")
     tls_key_file: str = option("", "PEM private key of TLS_CERT_FILE")
@@ -138,6 +144,15 @@ class Settings:
     redis_connect_timeout_s: float = option(0.5, "Redis connect timeout", lo=0.001)
     redis_max_connections: int = option(64, "Redis connection pool size", lo=1, hi=10_000)
     redis_pool_timeout_s: float = option(1.0, "wait for a free pooled Redis connection", lo=0.001)
+    redis_wait_replicas: int = option(
+        0,
+        "replicas that must have an invalidation (or a relayed event) before it is acked (WAIT); "
+        "0: no wait",
+        lo=0, hi=16,
+    )  # fmt: skip
+    redis_wait_timeout_ms: int = option(
+        1000, "longest WAIT for those replicas; short of them, nothing is acked", lo=1, hi=60_000
+    )
     breaker_failures: int = option(5, "consecutive Redis failures that open the breaker", lo=1)
     breaker_reset_s: float = option(1.0, "how long an open breaker skips Redis", lo=0.01)
 
@@ -191,6 +206,17 @@ class Settings:
                 f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://, "
                 f"got {redact_url(self.redis_url)!r}"
             )
+        if self.redis_mode not in REDIS_MODES:
+            raise SettingsError(
+                f"{PREFIX}REDIS_MODE must be standalone or cluster, got {self.redis_mode!r}"
+            )
+        if self.redis_mode == "cluster":
+            url = urlsplit(self.redis_url)
+            if url.scheme == "unix" or url.path.strip("/") not in ("", "0"):
+                raise SettingsError(
+                    f"{PREFIX}REDIS_MODE=cluster needs a redis:// or rediss:// URL of database 0 "
+                    f"(Redis Cluster has no other), got {redact_url(self.redis_url)!r}"
+                )
         if not self.database_url.startswith("postgresql"):
             raise SettingsError(
                 f"{PREFIX}DATABASE_URL must be a postgresql+psycopg:// URL, "

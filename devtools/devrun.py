@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import redis
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
+from core.redisclient import connect_sync
 from core.settings import (
     DEV_PAGE_TOKEN_SECRET,
     FILE_SUFFIX,
@@ -183,16 +185,24 @@ def _create_database_if_missing(url: URL) -> None:
 
 def _ensure_redis(settings: Settings, run_dir: Path, cleanup: contextlib.ExitStack) -> Settings:
     """Settings pointing at a Redis that answers PING (a private one if need be)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+    cluster = settings.redis_mode == "cluster"
+    kind = "Redis Cluster" if cluster else "Redis"
+    client = None
     try:
+        client = connect_sync(settings, socket_timeout=1, connect_timeout=1)
         client.ping()
         return settings
     except (redis.AuthenticationError, redis.ResponseError) as e:  # NOAUTH, WRONGPASS
-        why = f"Redis at {settings.redis_url_safe} refused us ({e})"
+        why = f"{kind} at {settings.redis_url_safe} refused us ({e})"
     except (redis.ConnectionError, redis.TimeoutError):
-        why = f"no Redis answers at {settings.redis_url_safe}"
+        why = f"no {kind} answers at {settings.redis_url_safe}"
+    except redis.RedisClusterException as e:  # a plain Redis there, or no node answers
+        why = f"no {kind} answers at {settings.redis_url_safe} ({e})"
     finally:
-        client.close()
+        if client is not None:
+            client.close()
+    if cluster:
+        return _private_cluster(settings, run_dir, cleanup, why)
     log.info("%s: starting a private one in %s", why, run_dir / "redis")
     # The eviction policy the service is designed for (see docker-compose.yml).
     server = RedisProcess(
@@ -201,6 +211,26 @@ def _ensure_redis(settings: Settings, run_dir: Path, cleanup: contextlib.ExitSta
     cleanup.callback(server.stop)
     server.start()
     return settings.replace(redis_url=server.url)
+
+
+def _private_cluster(
+    settings: Settings, run_dir: Path, cleanup: contextlib.ExitStack, why: str
+) -> Settings:
+    """A 3-primary cluster of our own (made anew each run: its nodes get new ports)."""
+    from devtools.rediscluster import RedisCluster
+
+    workdir = run_dir / "redis-cluster"
+    log.info("%s: starting a private 3-primary cluster in %s", why, workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    # Each node: the eviction policy the service is designed for, and its own memory cap.
+    cluster = RedisCluster(
+        workdir,
+        primaries=3,
+        extra_args=("--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl"),
+    )
+    cleanup.callback(cluster.stop)
+    cluster.start()
+    return settings.replace(redis_url=cluster.url)
 
 
 def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], grace_s: float) -> None:
@@ -254,13 +284,14 @@ def _usage(target: str, settings: Settings, generated_token: str) -> str:
         )
     else:
         token, token_origin = "$TOKEN", "one of CATALOG_WRITE_TOKENS"
+    cluster = " (a node of the Redis Cluster)" if settings.redis_mode == "cluster" else ""
     call = _shell_path(Path(sys.executable).with_name("catalog")) + " call"
     if target != local_target(Settings().grpc_address):
         call += f" --target {target}"
     return f"""
 catalog is serving on {target}
   PostgreSQL: {settings.database_url_safe}
-  Redis:      {redact_url(settings.redis_url)}
+  Redis:      {redact_url(settings.redis_url)}{cluster}
   metrics:    {metrics}
 
 Call it from the shell (JSON in and out; add --help for TLS and metadata options):

@@ -25,7 +25,14 @@ _BUS_OFFSET = 10_000
 class RedisCluster:
     """``primaries`` primaries with ``replicas`` replicas each, owned by this process."""
 
-    def __init__(self, workdir: Path, *, primaries: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        primaries: int = 3,
+        replicas: int = 0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         if primaries < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 primaries")
         self.workdir = workdir
@@ -35,7 +42,7 @@ class RedisCluster:
                 "--cluster-node-timeout", "2000",
                 "--cluster-replica-validity-factor", "0")  # fmt: skip
         self.nodes = [
-            RedisProcess(workdir / f"node{i}", _cluster_port(), *args)
+            RedisProcess(workdir / f"node{i}", _cluster_port(), *args, *extra_args)
             for i in range(primaries * (1 + replicas))
         ]
         self.replicas = replicas
@@ -133,6 +140,99 @@ class RedisCluster:
 
     def node(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)
+
+    # -- failover -------------------------------------------------------------------------------
+
+    def node_id(self, port: int) -> str:
+        return self.cli("CLUSTER", "MYID", port=port).strip()
+
+    def owner(self, slot: int) -> int:
+        """Port of the live primary that serves ``slot`` now (as a live node sees it)."""
+        for port in self.primaries():
+            for line in self.cli("CLUSTER", "NODES", port=port).splitlines():
+                fields = line.split()
+                if "myself" in fields[2] and _serves(fields[8:], slot):
+                    return port
+        raise RuntimeError(f"no live primary serves slot {slot}")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node: no shutdown, no last replication of what it has."""
+        node = self.node(port)
+        if node.proc is not None:
+            node.proc.kill()
+            node.proc.wait()
+            node.proc = None
+
+    def fail_over(self, port: int, timeout: float = 60.0) -> int:
+        """Kill the primary on ``port``, wait for a replica to take over its slots (the
+        cluster is ok again); the port of the promoted replica."""
+        slots = self.slots_of(port)
+        self.kill(port)
+        self.wait_ok(timeout)
+        return self.owner(slots[0])
+
+    def restart(self, port: int, timeout: float = 60.0) -> None:
+        """Start a killed node again, with its cluster config: a failed-over primary comes
+        back as a replica of the node that replaced it. Returns once it is a replica in sync."""
+        self.node(port).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                info = self.cli("INFO", "replication", port=port)
+                if "role:slave" in info and "master_link_status:up" in info:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {port} did not sync as a replica within {timeout}s")
+            time.sleep(0.1)
+
+    # -- resharding -----------------------------------------------------------------------------
+
+    def slots_of(self, port: int) -> list[int]:
+        """The slots the primary on ``port`` serves, in ascending order."""
+        for line in self.cli("CLUSTER", "NODES", port=port).splitlines():
+            fields = line.split()
+            if "myself" in fields[2]:
+                return sorted(s for r in fields[8:] if "[" not in r for s in _expand(r))
+        return []
+
+    def reshard(self, source: int, target: int, slots: int, timeout: float = 60.0) -> None:
+        """``redis-cli --cluster reshard`` of ``slots`` slots (the source's lowest) from the
+        primary on ``source`` to the one on ``target``, keys and all, while clients run; then
+        until every node agrees on the new map."""
+        self.cli(
+            "--cluster", "reshard", f"127.0.0.1:{source}",
+            "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
+            "--cluster-slots", str(slots), "--cluster-yes",
+        )  # fmt: skip
+        self.wait_agreed(timeout)
+
+    def reshard_slot(self, slot: int, target: int, timeout: float = 60.0) -> None:
+        """Move ``slot`` (with every slot its owner serves below it: redis-cli moves a source's
+        lowest slots) to the primary on ``target``."""
+        source = self.owner(slot)
+        if source != target:
+            self.reshard(source, target, self.slots_of(source).index(slot) + 1, timeout)
+
+    def wait_agreed(self, timeout: float = 60.0) -> None:
+        """Until ``redis-cli --cluster check`` finds no open slot and every node agrees."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                out = self.cli("--cluster", "check", f"127.0.0.1:{self.primaries()[0]}")
+                if "All nodes agree" in out and "[WARNING]" not in out and "[ERR]" not in out:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster nodes did not agree within {timeout}s")
+            time.sleep(0.1)
+
+
+def _expand(slot_range: str) -> range:
+    low, _, high = slot_range.partition("-")
+    return range(int(low), int(high or low) + 1)
+
+
+def _serves(ranges: list[str], slot: int) -> bool:
+    return any(slot in _expand(r) for r in ranges if "[" not in r)
 
 
 def _cluster_port() -> int:

@@ -36,7 +36,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -54,6 +53,15 @@ from core.events import (
     scope_to_resolve,
 )
 from core.keys import Keys, Tag
+from core.redisclient import (
+    ReaderId,
+    RedisClient,
+    ReplicaWait,
+    cancel_pending,
+    reader_id,
+    transaction,
+    unblock,
+)
 from invalidator import metrics
 from invalidator.deadletter import dead_letter_fields
 from invalidator.scopes import ScopeResolver
@@ -114,18 +122,21 @@ def _entries(reply: Any) -> list[Entry]:
 class Consumer:
     def __init__(
         self,
-        redis: Redis,
-        reader: Redis,
+        redis: RedisClient,
+        reader: RedisClient,
         store: CacheStore,
         keys: Keys,
         settings: InvalidatorSettings,
         name: str,
         scopes: ScopeResolver | None = None,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         """``reader`` is used only for the blocking XREADGROUP; its socket timeout must exceed
         BLOCK (:attr:`InvalidatorSettings.read_timeout_s`). ``scopes`` looks up the products of a
-        category or brand; without it, events that need one are dead-lettered."""
+        category or brand; without it, events that need one are dead-lettered. ``replicas``: the
+        WAIT between a batch's invalidation and its ack (none by default)."""
         self.redis = redis
+        self.replicas = replicas or ReplicaWait(keys)
         self.reader = reader
         self.store = store
         self.keys = keys
@@ -135,7 +146,7 @@ class Consumer:
         self.stats = Stats()
         self.ready = False
         self._stopping = asyncio.Event()
-        self._reader_id: int | None = None
+        self._reader_id: ReaderId | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -232,8 +243,8 @@ class Consumer:
             await self._failed_call("recreate group", exc)
 
     async def _read_new(self) -> list[Entry]:
-        if self._reader_id is None:
-            self._reader_id = int(await self.reader.client_id())
+        # The connection the read will wait on (in cluster mode: on the stream's node).
+        self._reader_id = await reader_id(self.reader, self.keys.stream, self._reader_id)
         try:
             reply = await self.reader.xreadgroup(
                 self.keys.group,
@@ -254,7 +265,9 @@ class Consumer:
         while True:
             if self._reader_id is not None:
                 with contextlib.suppress(RedisError):
-                    await self.redis.client_unblock(self._reader_id)
+                    await unblock(self.redis, self._reader_id)
+                if cancel_pending():  # see _heartbeat
+                    raise asyncio.CancelledError
             await asyncio.sleep(0.05)
 
     async def _reclaim_loop(self) -> None:
@@ -343,6 +356,8 @@ class Consumer:
                         raise
                     except Exception as exc:
                         failed.append(self._count_failed(entry_id, exc))
+                if done and not await self.replicated():
+                    done = []  # pending: reclaimed and applied again (invalidation is idempotent)
             done += pre_applied
             limit = self.settings.invalidator_max_deliveries
             raw = dict(entries)
@@ -357,6 +372,19 @@ class Consumer:
             if entry_id in applied:  # a set: a list made this quadratic in the batch size
                 metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def replicated(self) -> bool:
+        """The WAIT before an ack: every primary's writes, this batch's invalidations among
+        them, are on ``CATALOG_REDIS_WAIT_REPLICAS`` replicas (True at once when that is 0). A
+        failover loses only what no replica had, so nothing unreplicated is acked."""
+        if await self.replicas(self.redis):
+            return True
+        metrics.REPLICA_WAIT_SHORT.labels("invalidator").inc()
+        log.warning(
+            "a batch's invalidations are on fewer than %d replicas: not acked",
+            self.replicas.replicas,
+        )
+        return False
 
     async def invalidate(self, invalidation: Invalidation) -> int:
         """The one place the consumer deletes keys (a seam for tests that need a slow batch)."""
@@ -406,7 +434,7 @@ class Consumer:
         ids = [*done, *(entry_id for entry_id, _, _ in dead)]
         if not ids:
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with transaction(self.redis) as pipe:  # one slot: the streams share it
             for entry_id, fields, reason in dead:
                 letter = dead_letter_fields(
                     fields, reason=reason, entry_id=entry_id, consumer=self.name
@@ -463,6 +491,8 @@ class Consumer:
                 )
             except RedisError as exc:
                 log.warning("heartbeat of %d in-progress entries failed: %s", len(ids), exc)
+            if cancel_pending():  # the batch is done, but redis-py lost the cancellation
+                raise asyncio.CancelledError
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from core.events import MAX_ENTRY_BYTES, RawFields
 from core.keys import Keys
+from core.redisclient import RedisClient, transaction
 
 PREFIX = "dlq_"
 REASON = PREFIX + "reason"
@@ -95,7 +94,7 @@ class DeadLetter:
 
 
 async def list_dead_letters(
-    redis: Redis, keys: Keys, *, count: int = 100, start: str = "-"
+    redis: RedisClient, keys: Keys, *, count: int = 100, start: str = "-"
 ) -> list[DeadLetter]:
     """Oldest first, from ``start`` (inclusive)."""
     entries = cast(
@@ -123,7 +122,7 @@ class Redriven:
     empty: list[str] = field(default_factory=list)
 
 
-async def redrive(redis: Redis, keys: Keys, ids: Sequence[str], *, maxlen: int) -> Redriven:
+async def redrive(redis: RedisClient, keys: Keys, ids: Sequence[str], *, maxlen: int) -> Redriven:
     """Append each dead letter's original fields to the event stream and delete it. Ids no
     longer in the dead-letter stream are counted as missing. Whether the event is still poison
     is the consumer's business: it dead-letters it again, with its reason."""
@@ -141,7 +140,7 @@ async def redrive(redis: Redis, keys: Keys, ids: Sequence[str], *, maxlen: int) 
     return out
 
 
-async def redrive_all(redis: Redis, keys: Keys, *, maxlen: int, page: int = 100) -> Redriven:
+async def redrive_all(redis: RedisClient, keys: Keys, *, maxlen: int, page: int = 100) -> Redriven:
     """Re-drive every dead letter that exists now, ``page`` at a time (bounded memory). Letters
     added meanwhile (a still-poison event dead-lettered again) are not re-driven a second time."""
     out = Redriven()
@@ -160,7 +159,7 @@ async def redrive_all(redis: Redis, keys: Keys, *, maxlen: int, page: int = 100)
     return out
 
 
-async def _newest_id(redis: Redis, keys: Keys, page: int) -> str | None:
+async def _newest_id(redis: RedisClient, keys: Keys, page: int) -> str | None:
     """Id of the newest dead letter, by paging XRANGE (the invalidator's ACL user has XRANGE,
     not XREVRANGE or XINFO STREAM)."""
     newest, start = None, "-"
@@ -175,13 +174,13 @@ async def _newest_id(redis: Redis, keys: Keys, page: int) -> str | None:
 
 
 async def _redrive_one(
-    redis: Redis, keys: Keys, letter: DeadLetter, maxlen: int, out: Redriven
+    redis: RedisClient, keys: Keys, letter: DeadLetter, maxlen: int, out: Redriven
 ) -> None:
     original = letter.original
     if not original:  # nothing to append (XADD needs a field): the letter stays
         out.empty.append(letter.id)
         return
-    async with redis.pipeline(transaction=True) as pipe:
+    async with transaction(redis) as pipe:  # the dead letters share the stream's slot
         pipe.xadd(keys.stream, original, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
         pipe.xdel(keys.dead_letter_stream, letter.id)
         await pipe.execute()

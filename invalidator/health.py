@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from core.keys import Keys
+from core.redisclient import RedisClient
 from core.tls import add_port
 from invalidator import metrics
 
@@ -58,7 +58,7 @@ class Health:
             await self.server.stop(1.0)
 
 
-async def sample_group(redis: Redis, keys: Keys) -> tuple[int, int]:
+async def sample_group(redis: RedisClient, keys: Keys) -> tuple[int, int]:
     """(lag, pending) of our group; lag is -1 when Redis cannot tell (trimmed past it)."""
     if not await redis.exists(keys.stream):
         return 0, 0  # nothing published and no consumer started yet
@@ -71,7 +71,12 @@ async def sample_group(redis: Redis, keys: Keys) -> tuple[int, int]:
 
 
 async def monitor(
-    redis: Redis, keys: Keys, health_: Health, ready: Any, interval_s: float, stop: asyncio.Event
+    redis: RedisClient,
+    keys: Keys,
+    health_: Health,
+    ready: Any,
+    interval_s: float,
+    stop: asyncio.Event,
 ) -> None:
     """Until ``stop``: sample the group, set the gauges and health. ``ready()`` -> bool."""
     while not stop.is_set():

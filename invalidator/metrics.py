@@ -36,6 +36,12 @@ DEAD_LETTERS = Gauge(
     "catalog_invalidator_dead_letters",
     "Entries in the dead-letter stream (XLEN) at the last sample",
 )
+REPLICA_WAIT_SHORT = Counter(
+    "catalog_replica_wait_short",
+    "WAITs that fewer than CATALOG_REDIS_WAIT_REPLICAS replicas answered in time, by who waited "
+    "(invalidator: the batch stays pending; relay: the rows are published again)",
+    ["by"],
+)
 OUTBOX_PUBLISHED = Counter("catalog_outbox_published", "Outbox rows XADDed by the relay")
 OUTBOX_ERRORS = Counter("catalog_outbox_errors", "Failed outbox relay transactions")
 OUTBOX_FAILED = Counter(

@@ -62,6 +62,7 @@ from core.events import (
 )
 from core.outbox import outbox
 from core.publisher import Publisher
+from core.redisclient import ReplicationShortfall
 from invalidator import metrics
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,13 @@ class OutboxRelay:
                         raise reply  # not the row's fault: roll back, retry the batch
                     if isinstance(reply, ResponseError):
                         bad[row_id] = f"Redis refused the XADD: {reply}"
+                # Marked sent only once the entries are on enough replicas (WAIT): else a
+                # failover could lose them after the COMMIT. Short: roll back, publish again.
+                try:
+                    await self.publisher.replicated(s for i, s, _ in good if i not in bad)
+                except ReplicationShortfall:
+                    metrics.REPLICA_WAIT_SHORT.labels("relay").inc()
+                    raise
             if bad:
                 async with conn.cursor() as cursor:
                     await cursor.executemany(

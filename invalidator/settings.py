@@ -18,7 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.keys import Keys
+from redis.crc import key_slot
+
+from core.keys import Keys, slot_mate
 from core.settings import PREFIX, Settings, SettingsError, load, option
 from core.settings import describe as describe_fields
 
@@ -29,7 +31,9 @@ class InvalidatorSettings:
 
     invalidator_stream: str = option("", "event stream; empty = <CATALOG_KEY_NAMESPACE>:events")
     invalidator_group: str = option("", "consumer group; empty = invalidator")
-    invalidator_dead_letter_stream: str = option("", "dead-letter stream; empty = <stream>:dead")
+    invalidator_dead_letter_stream: str = option(
+        "", "dead-letter stream; empty = <stream>:dead (cluster: <stream>:dead:{<stream>})"
+    )
     invalidator_consumer: str = option(
         "", "consumer name; empty = host-pid-random (set a stable one to resume after restart)"
     )
@@ -118,11 +122,32 @@ class InvalidatorSettings:
         return self.invalidator_block_ms / 1000 + self.invalidator_read_timeout_margin_s
 
     def keys(self, base: Settings) -> Keys:
-        return Keys(
+        """The stream, group and dead-letter names. On a cluster the dead letters share the
+        stream's hash slot (an entry is dead-lettered and acked in one MULTI): by default they
+        are ``<stream>:dead:{<stream>}`` there, and a configured name must hash alike."""
+        keys = Keys(
             base.key_namespace,
             stream=self.invalidator_stream,
             group=self.invalidator_group,
             dead_letter_stream=self.invalidator_dead_letter_stream,
+        )
+        if base.redis_mode != "cluster":
+            return keys
+        try:
+            dead = self.invalidator_dead_letter_stream or slot_mate(keys.stream, ":dead")
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}INVALIDATOR_STREAM: {exc}") from None
+        if key_slot(dead.encode()) != key_slot(keys.stream.encode()):
+            raise SettingsError(
+                f"{PREFIX}INVALIDATOR_DEAD_LETTER_STREAM {dead!r} must share the hash slot of "
+                f"the stream {keys.stream!r} on a cluster "
+                f"(e.g. {slot_mate(keys.stream, ':dead')!r})"
+            )
+        return Keys(
+            base.key_namespace,
+            stream=self.invalidator_stream,
+            group=self.invalidator_group,
+            dead_letter_stream=dead,
         )
 
     def consumer_name(self) -> str:

@@ -34,12 +34,12 @@ import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.keys import Keys
+from core.redisclient import RedisClient, transaction
 from invalidator import metrics
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def chunk_of(flush_id: str) -> int | None:
 class ViewFlusher:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         engine: AsyncEngine,
         keys: Keys,
         *,
@@ -131,7 +131,7 @@ class ViewFlusher:
         if not pending:
             return None
         flush_id = self.new_flush_id()
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with transaction(self.redis) as pipe:  # one slot: {views}
             pipe.sadd(self.keys.views_flushes, flush_id)
             pipe.rename(self.keys.views_pending, self.keys.views_flush(flush_id))
             _, renamed = await pipe.execute(raise_on_error=False)
@@ -167,7 +167,7 @@ class ViewFlusher:
 
     async def release(self, flush_id: str) -> None:
         """Forget an applied flush (idempotent)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with transaction(self.redis) as pipe:
             pipe.delete(self.keys.views_flush(flush_id))
             pipe.srem(self.keys.views_flushes, flush_id)
             await pipe.execute()

@@ -15,13 +15,16 @@ import functools
 import logging
 import signal
 from collections.abc import Sequence
+from typing import cast
 
 from redis.asyncio import Redis
 
 from core import entrypoint, tracing
 from core.cache.store import CacheStore
+from core.events import Invalidation
 from core.metrics import sample_loop_lag, start_metrics_server, watch_pools
 from core.publisher import Publisher
+from core.redisclient import RedisClient, ReplicaWait, connect
 from core.settings import Settings, otel_environ
 from core.tls import server_credentials
 from invalidator.consumer import Consumer, apply_invalidation
@@ -34,21 +37,23 @@ from invalidator.viewflush import ViewFlusher
 log = logging.getLogger(__name__)
 
 
-def redis_clients(base: Settings, settings: InvalidatorSettings) -> tuple[Redis, Redis]:
-    """(commands client, blocking-read client). The second has one connection whose socket
-    timeout is longer than BLOCK, so an idle wait never ends in a timeout error."""
-    commands = Redis.from_url(
-        base.redis_url,
-        socket_timeout=settings.invalidator_socket_timeout_s,
-        socket_connect_timeout=base.redis_connect_timeout_s,
-    )
-    reader = Redis.from_url(
-        base.redis_url,
-        socket_timeout=settings.read_timeout_s,
-        socket_connect_timeout=base.redis_connect_timeout_s,
-        single_connection_client=True,
-    )
+def redis_clients(base: Settings, settings: InvalidatorSettings) -> tuple[RedisClient, RedisClient]:
+    """(commands client, blocking-read client). The second has one connection (per node, in
+    cluster mode) whose socket timeout is longer than BLOCK, so an idle wait never ends in a
+    timeout error, and whose id :func:`core.redisclient.reader_id` can tell."""
+    commands = connect(base, socket_timeout=settings.invalidator_socket_timeout_s)
+    reader = connect(base, socket_timeout=settings.read_timeout_s, single_connection=True)
     return commands, reader
+
+
+async def apply_and_replicate(
+    store: CacheStore, replicas: ReplicaWait, invalidation: Invalidation
+) -> None:
+    """The relay's fast path: apply, then WAIT for ``CATALOG_REDIS_WAIT_REPLICAS`` replicas.
+    A shortfall raises, and the relay leaves those entries unmarked: the consumer applies them
+    again and waits before its ack, so a failover cannot lose an invalidation it marked."""
+    await apply_invalidation(store, invalidation)
+    await replicas.require(store.redis)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,8 +79,12 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
     tracing.instrument_redis(redis)  # no-op unless tracing is on
     watch_pools(redis=redis)
     store = CacheStore(
-        redis, keys, lease_ttl_ms=base.lease_ttl_ms, tag_margin_ms=int(base.tag_ttl_margin_s * 1000)
+        cast(Redis, redis),  # typed for one Redis until the cache runs on a cluster (v3)
+        keys,
+        lease_ttl_ms=base.lease_ttl_ms,
+        tag_margin_ms=int(base.tag_ttl_margin_s * 1000),
     )
+    replicas = ReplicaWait.from_settings(base, keys)
     engine = None
     if settings.outbox_relay or settings.views_flush or settings.resolves_scopes:
         from core.db import create_engine
@@ -92,6 +101,7 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
             settings,
             settings.consumer_name(),
             DatabaseScopes(engine) if engine is not None and settings.resolves_scopes else None,
+            replicas,
         )
         if settings.invalidator_consume
         else None
@@ -119,12 +129,12 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
                 assert engine is not None
                 relay = OutboxRelay(
                     engine,
-                    Publisher(redis, keys, maxlen=settings.event_stream_maxlen),
+                    Publisher(redis, keys, maxlen=settings.event_stream_maxlen, replicas=replicas),
                     batch_size=settings.outbox_batch_size,
                     poll_s=settings.outbox_poll_ms / 1000,
                     retention_s=settings.outbox_retention_s,
                     apply=(
-                        functools.partial(apply_invalidation, store)
+                        functools.partial(apply_and_replicate, store, replicas)
                         if settings.outbox_relay_applies
                         else None
                     ),

@@ -148,16 +148,16 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     check itself failed: an entry it could not check, or a server it could not reach."""
     import asyncio
 
-    from redis.asyncio import Redis
     from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
     from core.db import create_engine
     from core.keys import Keys
+    from core.redisclient import connect
     from ops.verify import render, verify
 
     async def go() -> int:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        redis = connect(settings, socket_timeout=10, connect_timeout=5)
         engine = create_engine(settings)
         try:
             report = await verify(redis, engine, Keys(settings.key_namespace))

@@ -15,10 +15,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
-
 from core.events import EVENT_TYPES, ID_FIELDS, ParseError, new_event
 from core.publisher import Publisher
+from core.redisclient import RedisClient, connect
 from core.settings import Settings
 from invalidator.deadletter import (
     Redriven,
@@ -69,14 +68,10 @@ def register(subparsers: Any) -> None:
 
 
 def _with_redis(
-    base: Settings, settings: InvalidatorSettings, work: Callable[[Redis], Awaitable[T]]
+    base: Settings, settings: InvalidatorSettings, work: Callable[[RedisClient], Awaitable[T]]
 ) -> T:
     async def go() -> T:
-        redis = Redis.from_url(
-            base.redis_url,
-            socket_timeout=settings.invalidator_socket_timeout_s,
-            socket_connect_timeout=base.redis_connect_timeout_s,
-        )
+        redis = connect(base, socket_timeout=settings.invalidator_socket_timeout_s)
         try:
             return await work(redis)
         finally:
@@ -108,7 +103,7 @@ def _dlq(base: Settings, args: argparse.Namespace) -> int:
         return 2
     maxlen = settings.event_stream_maxlen
 
-    async def go(redis: Redis) -> Redriven:
+    async def go(redis: RedisClient) -> Redriven:
         if args.all:
             return await redrive_all(redis, keys, maxlen=maxlen)
         return await redrive(redis, keys, args.ids, maxlen=maxlen)

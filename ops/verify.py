@@ -23,14 +23,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import cast
 
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.cache import entry
 from core.db import is_connection_error
 from core.keys import LEASE_SUFFIX, NEGATIVE, Keys
+from core.redisclient import RedisClient, keys_in_namespace, mget
 from core.repository import LoadedProduct, Repository
 
 BATCH = 500
@@ -54,7 +53,7 @@ class Report:
     errors: list[Stale] = field(default_factory=list)
 
 
-async def verify(redis: Redis, engine: AsyncEngine, keys: Keys, batch: int = BATCH) -> Report:
+async def verify(redis: RedisClient, engine: AsyncEngine, keys: Keys, batch: int = BATCH) -> Report:
     """Check every product, negative and page entry under ``keys``; never writes anything."""
     report = Report()
     repo = Repository(engine)
@@ -64,11 +63,11 @@ async def verify(redis: Redis, engine: AsyncEngine, keys: Keys, batch: int = BAT
     return report
 
 
-async def _scan(redis: Redis, pattern: str, batch: int) -> AsyncIterator[list[str]]:
+async def _scan(redis: RedisClient, pattern: str, batch: int) -> AsyncIterator[list[str]]:
     """Value keys matching ``pattern`` (leases skipped, SCAN's duplicates dropped), in chunks."""
     seen: set[str] = set()
     chunk: list[str] = []
-    async for raw in redis.scan_iter(match=pattern, count=1000):
+    async for raw in keys_in_namespace(redis, pattern):
         key = raw.decode()
         if key.endswith(LEASE_SUFFIX) or key in seen:
             continue
@@ -93,9 +92,9 @@ def _product_problem(cached: bytes, found: LoadedProduct | None) -> str | None:
 
 
 async def _check_products(
-    redis: Redis, repo: Repository, keys: Keys, chunk: list[str], report: Report
+    redis: RedisClient, repo: Repository, keys: Keys, chunk: list[str], report: Report
 ) -> None:
-    values = cast(list[bytes | None], await redis.mget(chunk))
+    values = await mget(redis, chunk)
     cached = {
         pid: (key, value)
         for key, value in zip(chunk, values, strict=True)
@@ -109,7 +108,7 @@ async def _check_products(
         return
     # Re-check: the database again, then Redis; only an entry unchanged throughout counts.
     loaded = await repo.get_products(suspects)
-    again = cast(list[bytes | None], await redis.mget([cached[pid][0] for pid in suspects]))
+    again = await mget(redis, [cached[pid][0] for pid in suspects])
     for pid, now in zip(suspects, again, strict=True):
         key, first = cached[pid]
         problem = _product_problem(first, loaded.get(pid))
@@ -118,9 +117,9 @@ async def _check_products(
             report.stale.append(Stale(kind, key, pid, problem))
 
 
-async def _check_pages(redis: Redis, repo: Repository, keys: Keys, report: Report) -> None:
+async def _check_pages(redis: RedisClient, repo: Repository, keys: Keys, report: Report) -> None:
     async for chunk in _scan(redis, keys.page_pattern, BATCH):
-        values = cast(list[bytes | None], await redis.mget(chunk))
+        values = await mget(redis, chunk)
         for page_key, raw in zip(chunk, values, strict=True):
             if raw is None:
                 continue  # invalidated or expired since the scan
@@ -136,7 +135,7 @@ async def _check_pages(redis: Redis, repo: Repository, keys: Keys, report: Repor
 
 
 async def _check_page(
-    redis: Redis, repo: Repository, keys: Keys, page_key: str, raw: bytes, report: Report
+    redis: RedisClient, repo: Repository, keys: Keys, page_key: str, raw: bytes, report: Report
 ) -> None:
     page = entry.unpack_page(entry.payload(raw))
     if await _page_problem(repo, keys, page_key, page) is None:

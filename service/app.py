@@ -14,15 +14,14 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # the asyncio servicer (no public alias)
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer  # the asyncio servicer
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import tracing
@@ -32,6 +31,7 @@ from core.db import create_engine
 from core.keys import Keys
 from core.metrics import sample_loop_lag, start_metrics_server, watch_breaker, watch_pools
 from core.pagetokens import PageTokens
+from core.redisclient import RedisClient, connect
 from core.repository import Repository
 from core.settings import Settings, otel_environ
 from core.tls import add_port, server_credentials
@@ -47,26 +47,25 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def create_redis(settings: Settings, *, socket_timeout: float | None = None) -> Redis:
+def create_redis(settings: Settings, *, socket_timeout: float | None = None) -> RedisClient:
     """A Redis client for the read path: short timeouts and no retries (the breaker decides).
 
-    The pool blocks for a free connection (up to ``redis_pool_timeout_s``) instead of failing at
-    once, so a burst of concurrent reads queues rather than tripping the breaker.
+    A burst of concurrent reads waits (up to ``redis_pool_timeout_s``) for one of
+    ``redis_max_connections`` connections instead of failing at once, so it queues rather than
+    tripping the breaker.
     """
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
+    return connect(
+        settings,
+        socket_timeout=socket_timeout,
         max_connections=settings.redis_max_connections,
-        timeout=settings.redis_pool_timeout_s,
-        socket_timeout=socket_timeout or settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        pool_timeout=settings.redis_pool_timeout_s,
+        retries=0,
     )
-    return Redis(connection_pool=pool)
 
 
-def create_store(redis: Redis, settings: Settings) -> CacheStore:
+def create_store(redis: RedisClient, settings: Settings) -> CacheStore:
     return CacheStore(
-        redis,
+        cast(Redis, redis),  # typed for one Redis until the cache runs on a cluster (v3)
         Keys(settings.key_namespace),
         lease_ttl_ms=settings.lease_ttl_ms,
         tag_margin_ms=int(settings.tag_ttl_margin_s * 1000),
@@ -80,7 +79,7 @@ class Service:
     settings: Settings
     server: aio.Server
     port: int
-    redis: Redis
+    redis: RedisClient
     engine: AsyncEngine
     reader: Reader
     health: HealthServicer

@@ -20,21 +20,23 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import metrics
 from core.cache import scripts
 from core.errors import CountersUnavailable, ResourceExhausted
 from core.keys import Keys
+from core.redisclient import RedisClient
+from core.redisscript import Script
+
+RECORD_VIEWS = Script(scripts.RECORD_VIEWS)
 
 
 class ViewCounter:
-    def __init__(self, redis: Redis, keys: Keys, max_pending: int) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, max_pending: int) -> None:
         self.redis = redis
         self.key = keys.views_pending
         self.max_pending = max_pending
-        self._record = redis.register_script(scripts.RECORD_VIEWS)
 
     async def record(self, product_ids: Sequence[str]) -> int:
         """Count one view per occurrence in ``product_ids``; returns how many were counted."""
@@ -42,7 +44,7 @@ class ViewCounter:
         for product_id, n in Counter(product_ids).items():
             args += (product_id, n)
         try:
-            added = await self._record(keys=[self.key], args=args)
+            added = await RECORD_VIEWS(self.redis, [self.key], args)
         except (RedisError, OSError) as exc:
             raise CountersUnavailable(
                 f"view counters unavailable ({type(exc).__name__}); retry later"

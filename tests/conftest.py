@@ -14,6 +14,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -35,6 +36,51 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with RedisProcess(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A node of a 3-primary Redis Cluster (no replicas) shared by the session, started the
+    first time a test asks for it (``TEST_REDIS_CLUSTER_URL`` overrides). Tests keep apart by
+    key namespace, as on the shared Redis."""
+    given = os.environ.get("TEST_REDIS_CLUSTER_URL")
+    if given:
+        yield given
+        return
+    from devtools.rediscluster import RedisCluster
+
+    with RedisCluster(tmp_path_factory.mktemp("rediscluster"), primaries=3) as cluster:
+        yield cluster.url
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where a test's Redis lives: ``mode`` is a ``CATALOG_REDIS_MODE``, ``url`` a node."""
+
+    mode: str
+    url: str
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_topology(request: pytest.FixtureRequest) -> Topology:
+    """Runs the test once on the shared Redis and once on the shared Redis Cluster."""
+    mode = request.param
+    url = request.getfixturevalue("redis_cluster_url" if mode == "cluster" else "redis_url")
+    return Topology(mode, url)
+
+
+@pytest.fixture
+def topo_settings(database_url: str, redis_topology: Topology) -> Settings:
+    """Settings for one test on ``redis_topology``, a key namespace of its own. A module opts
+    its tests in to both topologies with ``settings = pytest.fixture(lambda topo_settings:
+    topo_settings, name="settings")`` (see tests/invalidator/test_group.py)."""
+    return make_settings(
+        database_url=database_url,
+        redis_url=redis_topology.url,
+        redis_mode=redis_topology.mode,
+        key_namespace=f"t{uuid.uuid4().hex[:10]}",
+        metrics_port=0,
+    )
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ commands neither may run are refused with NOPERM. Last, the service reads throug
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from core.keys import Keys
 from core.publisher import Publisher
 from core.settings import Settings
 from devtools.localservers import RedisProcess, free_port
+from invalidator.settings import InvalidatorSettings
 from service.app import start
 from tests.certs import Authority
 from tests.helpers import Delta, eventually, make_settings, writer_channel
@@ -44,7 +46,11 @@ USERS = {"catalog-service": "SERVICE_PASSWORD", "catalog-invalidator": "INVALIDA
 
 def acl_lines(namespace: str, passwords: dict[str, str]) -> list[list[str]]:
     """The documented ACL SETUSER commands for ``namespace`` with the given passwords."""
-    lines = [line.split() for line in DOC.splitlines() if line.startswith("ACL SETUSER ")]
+    lines = [
+        line.split()
+        for line in DOC.splitlines()
+        if line.startswith("ACL SETUSER ") and " on " in line  # the cluster additions: below
+    ]
     assert [line[2] for line in lines] == list(USERS), "docs/security.md lists both users"
     out = []
     for words in lines:
@@ -253,3 +259,78 @@ async def test_the_service_reads_through_rediss(
         assert errors() == 0 and hits() == 1
     finally:
         await service.stop(grace=0)
+
+
+def cluster_additions() -> dict[str, list[str]]:
+    """The documented extra grants of each user on a Redis Cluster."""
+    return {
+        line.split()[2]: line.split()[3:]
+        for line in DOC.splitlines()
+        if line.startswith("ACL SETUSER ") and " on " not in line
+    }
+
+
+async def test_the_stream_side_and_view_counts_work_under_the_users_on_a_cluster(
+    tmp_path: Path,
+) -> None:
+    """Every node gets the documented users plus their cluster grants. As the invalidator:
+    publish, consume (a Recording consumer: the cached format is not cluster-ready yet),
+    dead-letter, re-drive, claim and release a view flush, WAIT; as the service: count views.
+    Nothing lands in any node's ACL LOG."""
+    from core.publisher import Publisher
+    from core.redisclient import ReplicaWait, connect
+    from devtools.rediscluster import RedisCluster as ClusterLauncher
+    from invalidator.deadletter import list_dead_letters, redrive
+    from invalidator.viewflush import ViewFlusher
+    from service.views import ViewCounter
+    from tests.invalidator.conftest import FAST
+    from tests.invalidator.test_group import Recording
+
+    namespace, passwords = f"acl{uuid.uuid4().hex[:8]}", {u: uuid.uuid4().hex for u in USERS}
+    assert set(cluster_additions()) == set(USERS)
+    with ClusterLauncher(tmp_path / "cluster", primaries=3) as cluster:
+        for port in cluster.ports:
+            for words in acl_lines(namespace, passwords):
+                cluster.cli(*words, port=port)
+            for user, grants in cluster_additions().items():
+                cluster.cli("ACL", "SETUSER", user, *grants, port=port)
+
+        def as_user(user: str) -> Settings:
+            url = f"redis://{user}:{passwords[user]}@127.0.0.1:{cluster.ports[0]}/0"
+            return make_settings(redis_url=url, redis_mode="cluster", key_namespace=namespace)
+
+        invalidator, service = as_user("catalog-invalidator"), as_user("catalog-service")
+        isettings = InvalidatorSettings.from_env({}, **FAST)
+        keys = isettings.keys(invalidator)
+        redis = connect(invalidator, socket_timeout=5.0)
+        reader = connect(invalidator, socket_timeout=10.0, single_connection=True)
+        views_client = connect(service, socket_timeout=5.0)
+        try:
+            publisher = Publisher(redis, keys, maxlen=1000)
+            await publisher.publish_product_updated("p1")
+            await redis.xadd(keys.stream, {"type": "nonsense"})
+            consumer = Recording(redis, reader, None, keys, isettings, "c")
+            serving = asyncio.create_task(consumer.serve())
+            await eventually(lambda: _settled(consumer, 2), what="applied and dead-lettered")
+            (letter,) = await list_dead_letters(redis, keys)
+            assert (await redrive(redis, keys, [letter.id], maxlen=1000)).redriven == 1
+            await eventually(lambda: _settled(consumer, 3), what="re-driven and dead-lettered")
+            consumer.stop()
+            assert await asyncio.wait_for(serving, 30) is True
+
+            assert await ViewCounter(views_client, keys, 1000).record(["p1", "p1"]) == 2
+            flusher = ViewFlusher(redis, None, keys, interval_s=60)  # type: ignore[arg-type]
+            flush_id = await flusher.claim()
+            assert flush_id is not None
+            await flusher.release(flush_id)
+            assert await ReplicaWait(keys, replicas=1, timeout_ms=10)(redis) is False
+        finally:
+            for client in (redis, reader, views_client):
+                await client.aclose()
+        for port in cluster.ports:
+            assert cluster.cli("ACL", "LOG", port=port).strip() == "", f"refused on {port}"
+
+
+async def _settled(consumer: object, total: int) -> bool:
+    stats = consumer.stats  # type: ignore[attr-defined]
+    return bool(stats.processed + stats.dead_lettered >= total)

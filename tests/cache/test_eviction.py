@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import cast
 
 import psycopg
 import pytest
@@ -42,7 +43,7 @@ def writable(settings: Settings, fresh_database_url: str, private_redis: RedisPr
 
 @pytest.fixture
 async def parts(writable: Settings) -> AsyncIterator[tuple[Redis, AsyncEngine, Reader]]:
-    redis = create_redis(writable)
+    redis = cast(Redis, create_redis(writable))  # standalone here
     engine = create_engine(writable)
     reader = Reader(
         create_store(redis, writable), Repository(engine), Keys(writable.key_namespace), writable

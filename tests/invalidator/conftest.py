@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from core.cache.store import CacheStore, FillItem
 from core.keys import Keys
 from core.publisher import Publisher
+from core.redisclient import RedisClient, ReplicaWait, connect
 from core.settings import Settings
 from invalidator.consumer import Consumer
 from invalidator.settings import InvalidatorSettings
@@ -45,8 +46,9 @@ def keys(settings: Settings, isettings: InvalidatorSettings) -> Keys:
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    """A client on the shared Redis; deletes this test's namespace (keys and streams) after."""
-    client = Redis.from_url(settings.redis_url)
+    """A client on the test's Redis (of either topology when the module's ``settings`` is
+    ``topo_settings``); deletes this test's namespace (keys and streams) after."""
+    client = cast(Redis, connect(settings, socket_timeout=5.0, connect_timeout=5.0))
     yield client
     await delete_namespace(client, settings.key_namespace)
     await client.aclose()
@@ -93,16 +95,22 @@ class Consumers:
     settings: Settings
     isettings: InvalidatorSettings
     store: CacheStore
-    running: list[tuple[Consumer, asyncio.Task[bool], list[Redis]]] = field(default_factory=list)
+    running: list[tuple[Consumer, asyncio.Task[bool], list[RedisClient]]] = field(
+        default_factory=list
+    )
 
     def start(
-        self, name: str, cls: Callable[..., Consumer] = Consumer, **overrides: Any
+        self,
+        name: str,
+        cls: Callable[..., Consumer] = Consumer,
+        replicas: ReplicaWait | None = None,
+        **overrides: Any,
     ) -> Consumer:
         isettings = self.isettings.replace(**overrides)
         redis, reader = redis_clients(self.settings, isettings)
         keys = isettings.keys(self.settings)
-        store = CacheStore(redis, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
-        consumer = cls(redis, reader, store, keys, isettings, name)
+        store = CacheStore(cast(Redis, redis), keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+        consumer = cls(redis, reader, store, keys, isettings, name, replicas)
         self.running.append((consumer, asyncio.create_task(consumer.serve()), [redis, reader]))
         return consumer
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
 from core.cache.store import CacheStore
@@ -14,10 +15,16 @@ from core.keys import Keys
 from core.settings import Settings
 from invalidator.deadletter import list_dead_letters
 from invalidator.settings import InvalidatorSettings
-from tests.helpers import eventually
+from tests.helpers import eventually, standalone_only
 from tests.invalidator.conftest import Consumers, entries, exists, fill
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """This module's tests run on one Redis and on a Redis Cluster."""
+    return topo_settings
 
 
 def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -25,6 +32,7 @@ def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProce
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(ROOT),
         "CATALOG_REDIS_URL": settings.redis_url,
+        "CATALOG_REDIS_MODE": settings.redis_mode,
         "CATALOG_KEY_NAMESPACE": settings.key_namespace,
         **env,
     }
@@ -73,6 +81,7 @@ def test_bad_setting_exits_2_naming_the_variable(settings: Settings) -> None:
     assert InvalidatorSettings.from_env({}).read_timeout_s > 5.0
 
 
+@standalone_only
 async def test_redrive_of_poison_and_empty_letters_crashes_nothing(
     settings: Settings,
     store: CacheStore,

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from core.events import PRODUCT_UPDATED, new_event
 from core.keys import Keys
 from core.publisher import Publisher
+from core.settings import Settings
 from invalidator.health import Health, monitor
 from tests.helpers import eventually, metric
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """On one Redis and on a Redis Cluster."""
+    return topo_settings
 
 
 async def test_monitor_sets_lag_pending_and_dead_letter_gauges(

@@ -17,11 +17,19 @@ from core.events import PRODUCT_UPDATED, new_event, to_fields
 from core.keys import Keys
 from core.outbox import add_to_outbox, outbox
 from core.publisher import Publisher
+from core.redisclient import ReplicationShortfall, ReplicaWait
 from core.settings import Settings
 from invalidator.outbox import OutboxRelay, failed_rows, retry_failed
 from tests.helpers import Delta, eventually
 from tests.invalidator.conftest import entries
 from tests.invalidator.test_cli import cli
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """This module's tests run on one Redis and on a Redis Cluster."""
+    return topo_settings
+
 
 _made: list[OutboxRelay] = []
 
@@ -168,6 +176,29 @@ async def test_unpublishable_row_is_set_aside_and_the_rows_behind_it_flow(
     assert await r.relay_once() == 1
     assert [row.id for row in await failed_rows(db, count=10)] == bad_ids[:4]
     assert await redis.xlen(wrong_type) == 1
+
+
+async def test_rows_are_marked_sent_only_once_enough_replicas_have_their_events(
+    db: AsyncEngine, redis: Redis, keys: Keys
+) -> None:
+    """No replica here: WAIT 1 falls short, the pass rolls back (the rows stay queued and will
+    be published again); without a wait the same rows are marked sent."""
+    await insert_row(db, to_fields(new_event(PRODUCT_UPDATED, product_id="p")))
+    short = Delta("catalog_replica_wait_short_total", by="relay")
+    waiting = Publisher(redis, keys, maxlen=1000, replicas=ReplicaWait(keys, 1, timeout_ms=20))
+    with pytest.raises(ReplicationShortfall):
+        await relay(db, waiting).relay_once()
+    assert short() == 1
+    assert await unsent(db) == 1
+    assert len(await stream_fields(redis, keys)) == 1  # published, not marked: again next pass
+    assert await relay(db, Publisher(redis, keys, maxlen=1000)).relay_once() == 1
+    assert await unsent(db) == 0
+
+
+async def unsent(db: AsyncEngine) -> int:
+    async with db.connect() as conn:
+        query = sa.select(sa.func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+        return int(await conn.scalar(query) or 0)
 
 
 async def test_cli_lists_set_aside_rows(

@@ -12,7 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.keys import Keys
 from core.publisher import Publisher
 from tests.helpers import eventually
-from tests.invalidator.test_outbox import _close_relays, bump, relay  # noqa: F401 (autouse)
+from tests.invalidator.test_outbox import (  # noqa: F401 (autouse)
+    _close_relays,
+    bump,
+    relay,
+    settings,
+)
 
 
 async def test_relay_is_woken_by_notify_and_polls_nothing_meanwhile(

@@ -28,6 +28,12 @@ from service.views import ViewCounter
 from tests.helpers import Delta, eventually, metric
 
 
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """This module's tests run on one Redis and on a Redis Cluster."""
+    return topo_settings
+
+
 def flusher(redis: Redis, db: AsyncEngine, keys: Keys, chunk: int = 5000) -> ViewFlusher:
     return ViewFlusher(redis, db, keys, interval_s=3600, chunk=chunk)
 
@@ -164,12 +170,12 @@ async def test_a_flush_refused_midway_is_retried_without_double_counting(
 
 
 async def test_a_crash_after_commit_before_release_does_not_double_count(
-    db: AsyncEngine, settings: Settings, private_redis: RedisProcess, fresh_database_url: str
+    db: AsyncEngine, private_redis: RedisProcess, fresh_database_url: str
 ) -> None:
     """The flusher's transaction is held on a table lock; Redis is paused for writes; the lock
     is released. The flusher commits, then its DEL fails: a crash between COMMIT and release.
     The next flusher finds the flush recorded in PostgreSQL and only releases it."""
-    keys = Keys(settings.key_namespace)
+    keys = Keys("crash")  # a Redis of its own: any namespace
     fast = Redis.from_url(private_redis.url, socket_timeout=0.5)
     admin = Redis.from_url(private_redis.url)
     try:
