@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -130,6 +131,21 @@ def cancel_pending() -> bool:
 
 def is_cluster(client: RedisClient) -> bool:
     return isinstance(client, RedisCluster)
+
+
+async def pubsub_client(client: RedisClient) -> Redis:
+    """A plain client to SUBSCRIBE on: ``client`` itself, or on a cluster a client of one primary
+    (classic pub/sub reaches every node of a cluster). Ask again after each lost subscription:
+    the node may be the one that failed."""
+    if isinstance(client, Cluster):
+        await client.ready()
+        primaries = client.get_primaries()
+        if not primaries:
+            raise ClusterUnavailable("the cluster client knows no primary to subscribe on")
+        return client.node_client(random.choice(primaries))
+    if isinstance(client, RedisCluster):
+        raise TypeError("pub/sub on a cluster needs a client built by core.redisclient.connect")
+    return client
 
 
 def transaction(client: RedisClient) -> Pipeline:

@@ -30,13 +30,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import metrics
 from core.cache.entry import HEADER_LEN
 from core.db import is_connection_error
 from core.keys import BRAND_NAME, CATEGORY_NAME
+from core.redisclient import RedisClient, pubsub_client
 from core.repository import Names, brand_fragment, category_fragment
 
 log = logging.getLogger(__name__)
@@ -267,13 +267,14 @@ class NameTable:
         self._tables[CATEGORY].clear()
         self._tables[BRAND].clear()
 
-    async def follow(self, redis: Redis, channel: str) -> None:
+    async def follow(self, redis: RedisClient, channel: str) -> None:
         """Apply the names channel until cancelled. Every (re)subscription drops every fragment
         once Redis confirmed it: messages published before it may have been missed."""
         me = asyncio.current_task()
         while True:
-            pubsub = redis.pubsub()
+            pubsub = None
             try:
+                pubsub = (await pubsub_client(redis)).pubsub()
                 await pubsub.subscribe(channel)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
@@ -294,6 +295,7 @@ class NameTable:
                 self.drop_all()  # nothing is known about what was missed
                 log.warning("names channel lost (%s); subscribing again", type(exc).__name__)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(RESUBSCRIBE_S)
