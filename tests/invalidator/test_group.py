@@ -41,8 +41,8 @@ class Recording(Consumer):
 
     poisoned: set[str] = set()
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.applied: list[str] = []
 
     async def invalidate(self, invalidation: Invalidation) -> int:
