@@ -1,8 +1,8 @@
 """The service on a Redis Cluster (CATALOG_REDIS_MODE=cluster), called as operators call it.
 
-Reads are answered and views are counted in the cluster. The cached format spans slots until v3,
-so the cache is off here (CATALOG_CACHE_ENABLED=false): what runs on the cluster is the client
-the service builds, its pool gauges and the view counter's script."""
+Reads are answered (through the cache) and views are counted in the cluster: the client the
+service builds, its pool gauges and the view counter's script. The cache's invalidation on a
+cluster, end to end: tests/test_cluster_end_to_end.py."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ async def test_the_service_on_a_cluster_answers_and_counts_views(
         redis_mode="cluster",
         key_namespace=f"t{uuid.uuid4().hex[:10]}",
         metrics_port=0,
-        cache_enabled=False,
         grpc_address="127.0.0.1:0",
     )
     service = await start(settings)
