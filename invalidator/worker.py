@@ -15,9 +15,6 @@ import functools
 import logging
 import signal
 from collections.abc import Sequence
-from typing import cast
-
-from redis.asyncio import Redis
 
 from core import entrypoint, tracing
 from core.cache.store import CacheStore
@@ -79,7 +76,7 @@ async def run(base: Settings, settings: InvalidatorSettings) -> int:
     tracing.instrument_redis(redis)  # no-op unless tracing is on
     watch_pools(redis=redis)
     store = CacheStore(
-        cast(Redis, redis),  # typed for one Redis until the cache runs on a cluster (v3)
+        redis,
         keys,
         lease_ttl_ms=base.lease_ttl_ms,
         tag_margin_ms=int(base.tag_ttl_margin_s * 1000),

@@ -14,14 +14,12 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # the asyncio servicer (no public alias)
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer  # the asyncio servicer
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import tracing
@@ -65,7 +63,7 @@ def create_redis(settings: Settings, *, socket_timeout: float | None = None) -> 
 
 def create_store(redis: RedisClient, settings: Settings) -> CacheStore:
     return CacheStore(
-        cast(Redis, redis),  # typed for one Redis until the cache runs on a cluster (v3)
+        redis,
         Keys(settings.key_namespace),
         lease_ttl_ms=settings.lease_ttl_ms,
         tag_margin_ms=int(settings.tag_ttl_margin_s * 1000),

@@ -18,7 +18,7 @@ from core.settings import Settings
 from service.auth import insecure_writer_channel
 
 #: Keeps a test of a module opted in to both topologies (its ``settings`` is ``topo_settings``)
-#: on one Redis: it depends on the cached format, which spans slots until v3.
+#: on one Redis: it needs one Redis process (one it stops, or one server's state).
 standalone_only = pytest.mark.parametrize("redis_topology", ["standalone"], indirect=True)
 
 PAGE_TOKEN_SECRET = "test-page-token-secret-not-for-production"

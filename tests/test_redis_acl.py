@@ -274,17 +274,19 @@ async def test_the_stream_side_and_view_counts_work_under_the_users_on_a_cluster
     tmp_path: Path,
 ) -> None:
     """Every node gets the documented users plus their cluster grants. As the invalidator:
-    publish, consume (a Recording consumer: the cached format is not cluster-ready yet),
-    dead-letter, re-drive, claim and release a view flush, WAIT; as the service: count views.
-    Nothing lands in any node's ACL LOG."""
+    publish, consume (invalidating the cache's entries, a rename announced), dead-letter,
+    re-drive, claim and release a view flush, WAIT; as the service: lease and fill a cached
+    product, read it, count views. Nothing lands in any node's ACL LOG."""
+    from core.cache.store import CacheStore, FillItem
+    from core.keys import Tag
     from core.publisher import Publisher
     from core.redisclient import ReplicaWait, connect
     from devtools.rediscluster import RedisCluster as ClusterLauncher
+    from invalidator.consumer import Consumer
     from invalidator.deadletter import list_dead_letters, redrive
     from invalidator.viewflush import ViewFlusher
     from service.views import ViewCounter
     from tests.invalidator.conftest import FAST
-    from tests.invalidator.test_group import Recording
 
     namespace, passwords = f"acl{uuid.uuid4().hex[:8]}", {u: uuid.uuid4().hex for u in USERS}
     assert set(cluster_additions()) == set(USERS)
@@ -309,7 +311,12 @@ async def test_the_stream_side_and_view_counts_work_under_the_users_on_a_cluster
             publisher = Publisher(redis, keys, maxlen=1000)
             await publisher.publish_product_updated("p1")
             await redis.xadd(keys.stream, {"type": "nonsense"})
-            consumer = Recording(redis, reader, None, keys, isettings, "c")
+            cached = CacheStore(views_client, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+            got = await cached.acquire([keys.product("p1")])
+            assert await cached.fill(got.token, [FillItem(keys.product("p1"), b"v", 60_000)])
+            assert await cached.get(keys.product("p1")) == b"v"
+            store = CacheStore(redis, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+            consumer = Consumer(redis, reader, store, keys, isettings, "c")
             serving = asyncio.create_task(consumer.serve())
             await eventually(lambda: _settled(consumer, 2), what="applied and dead-lettered")
             (letter,) = await list_dead_letters(redis, keys)
@@ -317,6 +324,8 @@ async def test_the_stream_side_and_view_counts_work_under_the_users_on_a_cluster
             await eventually(lambda: _settled(consumer, 3), what="re-driven and dead-lettered")
             consumer.stop()
             assert await asyncio.wait_for(serving, 30) is True
+            assert await cached.get(keys.product("p1")) is None, "the event voided the entry"
+            assert await store.invalidate([Tag.category("c1")]) == 0  # announced (PUBLISH)
 
             assert await ViewCounter(views_client, keys, 1000).record(["p1", "p1"]) == 2
             flusher = ViewFlusher(redis, None, keys, interval_s=60)  # type: ignore[arg-type]

@@ -19,12 +19,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
 from core.cache import scripts
 from core.keys import LEASE_SUFFIX, Keys, Tag
+from core.redisclient import RedisClient, is_cluster, mget
+from core.redisscript import Script
 
 # ACQUIRE's per-entry outcome: the value already cached, or whether this call got the lease.
 Outcome = bytes | bool
@@ -32,6 +32,16 @@ Mode = Literal["miss", "refresh", "force"]
 # INVALIDATE_PAGES rounds before giving up (each round deletes what the previous one found; only
 # ACQUIREs racing the invalidation add members, so more than a few rounds means a flood).
 MAX_PAGE_ROUNDS = 100
+
+# One Script per source, shared by every store and client (loaded on every primary of a cluster).
+ACQUIRE = Script(scripts.ACQUIRE)
+FILL = Script(scripts.FILL)
+RELEASE = Script(scripts.RELEASE)
+ABANDON = Script(scripts.ABANDON)
+DROP_OLDER = Script(scripts.DROP_OLDER)
+INVALIDATE_PRODUCTS = Script(scripts.INVALIDATE_PRODUCTS)
+INVALIDATE_PAGES = Script(scripts.INVALIDATE_PAGES)
+REGISTER = Script(scripts.REGISTER)
 
 
 def slot_groups(first_keys: Sequence[str], per_slot: bool) -> list[list[int]]:
@@ -69,40 +79,35 @@ class FillItem:
 
 
 class CacheStore:
-    """Atomic cache operations over one Redis client."""
+    """Atomic cache operations over one Redis or a Redis Cluster (``redis``, any client of
+    :mod:`core.redisclient`). ``per_slot`` (default: whether ``redis`` is a cluster client)
+    splits every batch into one script per hash slot."""
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         *,
         lease_ttl_ms: int,
         tag_margin_ms: int,
-        per_slot: bool = False,
+        per_slot: bool | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.lease_ttl_ms = lease_ttl_ms
         self.tag_margin_ms = tag_margin_ms
-        self.per_slot = per_slot
-        self._acquire = redis.register_script(scripts.ACQUIRE)
-        self._fill = redis.register_script(scripts.FILL)
-        self._release = redis.register_script(scripts.RELEASE)
-        self._abandon = redis.register_script(scripts.ABANDON)
-        self._drop_older = redis.register_script(scripts.DROP_OLDER)
-        self._invalidate_products = redis.register_script(scripts.INVALIDATE_PRODUCTS)
-        self._invalidate_pages = redis.register_script(scripts.INVALIDATE_PAGES)
-        self._register = redis.register_script(scripts.REGISTER)
+        self.cluster = is_cluster(redis)
+        self.per_slot = self.cluster if per_slot is None else per_slot
 
     # -- the one place scripts run -----------------------------------------------------------
 
-    async def _eval(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one script whose keys all share one hash slot."""
-        return await script(keys=keys, args=args)
+    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script whose keys all share one hash slot (on a cluster, on its primary)."""
+        return await script(self.redis, keys, args)
 
     async def _grouped(
         self,
-        script: AsyncScript,
+        script: Script,
         entry_keys: Sequence[Sequence[str]],
         entry_args: Sequence[Sequence[Any]],
         head_args: Sequence[Any],
@@ -127,7 +132,9 @@ class CacheStore:
         return cast(bytes | None, await self.redis.get(key))
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return cast(list[bytes | None], await self.redis.mget(keys))
+        """One MGET on one Redis; one per slot on a cluster (concurrent, not atomic across
+        slots), values in the order of ``keys``."""
+        return await mget(self.redis, list(keys)) if keys else []
 
     async def peek(self, key: str) -> tuple[bytes | None, bool]:
         """The value and whether its lease is held, in one round trip (one hash slot)."""
@@ -154,7 +161,7 @@ class CacheStore:
         # The page set must outlive the lease so the invalidation can still find the page.
         set_ttl = self.lease_ttl_ms + self.tag_margin_ms
         replies = await self._grouped(
-            self._acquire,
+            ACQUIRE,
             entry_keys,
             [() for _ in keys],
             [token, self.lease_ttl_ms, set_ttl, nsets, mode],
@@ -174,9 +181,7 @@ class CacheStore:
             for i in items
         ]
         entry_args = [(1 if i.pages else 0, i.ttl_ms, i.version, i.data) for i in items]
-        replies = await self._grouped(
-            self._fill, entry_keys, entry_args, [token, self.tag_margin_ms]
-        )
+        replies = await self._grouped(FILL, entry_keys, entry_args, [token, self.tag_margin_ms])
         written = [False] * len(items)
         for group, reply in replies:
             for i, r in zip(group, reply, strict=True):
@@ -185,28 +190,28 @@ class CacheStore:
 
     async def drop_older(self, key: str, version: int) -> bool:
         """Delete ``key`` if the entry there is older than ``version``."""
-        return bool(await self._eval(self._drop_older, [key], [version]))
+        return bool(await self._eval(DROP_OLDER, [key], [version]))
 
     async def release(self, token: str, keys: Sequence[str]) -> int:
         """Drop leases still held by ``token`` (a failed load), so waiters stop waiting."""
         if not keys:
             return 0
         replies = await self._grouped(
-            self._release, [(k + LEASE_SUFFIX,) for k in keys], [() for _ in keys], [token]
+            RELEASE, [(k + LEASE_SUFFIX,) for k in keys], [() for _ in keys], [token]
         )
         return sum(int(n) for _, n in replies)
 
     async def abandon(self, token: str, key: str, pages: str) -> bool:
         """Drop a lease still held by ``token`` and the page's membership in its filter's page
         set: the load cached nothing, so it leaves no key behind."""
-        return bool(await self._eval(self._abandon, [key + LEASE_SUFFIX, pages, key], [token]))
+        return bool(await self._eval(ABANDON, [key + LEASE_SUFFIX, pages, key], [token]))
 
     async def register(self, members: Sequence[tuple[str, str]], ttl_ms: int) -> None:
         """Add each (registry set, member) and raise the set's TTL to ``ttl_ms``. Awaited before
         the ACQUIRE of a combined filter's page, hence before its database read."""
         if members:
             await self._grouped(
-                self._register, [(s,) for s, _ in members], [(m,) for _, m in members], [ttl_ms]
+                REGISTER, [(s,) for s, _ in members], [(m,) for _, m in members], [ttl_ms]
             )
 
     # -- invalidation ------------------------------------------------------------------------
@@ -241,7 +246,7 @@ class CacheStore:
             return 0
         keys = [self.keys.product(pid) for pid, _ in products]
         replies = await self._grouped(
-            self._invalidate_products,
+            INVALIDATE_PRODUCTS,
             [(k, k + LEASE_SUFFIX) for k in keys],
             [(v,) for _, v in products],
             [],
@@ -275,7 +280,7 @@ class CacheStore:
                 raise RuntimeError(f"page sets kept growing for {MAX_PAGE_ROUNDS} rounds")
             order = list(pending)
             replies = await self._grouped(
-                self._invalidate_pages,
+                INVALIDATE_PAGES,
                 [(s, *(k for p in pending[s] for k in (p, p + LEASE_SUFFIX))) for s in order],
                 [(len(pending[s]),) for s in order],
                 [],
@@ -292,8 +297,9 @@ class CacheStore:
         return deleted
 
     async def _smembers(self, sets: Sequence[str]) -> list[list[bytes]]:
-        """SMEMBERS of each set, in one round trip on one Redis (a pipeline, not a transaction:
-        each set is read atomically, and nothing here needs them read at one instant)."""
+        """SMEMBERS of each set, in one round trip on one Redis and one per node on a cluster (a
+        pipeline, not a transaction: each set is read atomically, and nothing here needs them
+        read at one instant)."""
         if not sets:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -303,7 +309,12 @@ class CacheStore:
         return [list(r) for r in replies]
 
     async def _announce(self, renamed: Sequence[str]) -> None:
-        """Publish each rename (``c:<id>`` / ``b:<id>``) on the names channel."""
+        """Publish each rename (``c:<id>`` / ``b:<id>``) on the names channel. On a cluster a
+        PUBLISH on any node reaches the subscribers of every node; each is sent on its own."""
+        if self.cluster:
+            for message in renamed:
+                await self.redis.publish(self.keys.names_channel, message)
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             for message in renamed:
                 pipe.publish(self.keys.names_channel, message)

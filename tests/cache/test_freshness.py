@@ -23,6 +23,13 @@ from service.app import create_store
 from tests.cache.test_reader import PausedAfterRead, db_execute
 from tests.helpers import Delta, db_loads, eventually
 
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
+
+
 PID = "p0000021"
 
 

@@ -1,4 +1,5 @@
-"""The read path's correctness under forced interleavings, on real PostgreSQL and Redis."""
+"""The read path's correctness under forced interleavings, on real PostgreSQL and Redis (one
+Redis and a Redis Cluster)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,15 @@ from core.repository import LoadedProduct, Repository, category_fragment
 from core.settings import Settings
 from devtools.localservers import RedisProcess
 from service.app import create_store, start
-from tests.helpers import Delta, eventually
+from tests.helpers import Delta, eventually, standalone_only
 
 PID = "p0000005"
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Tests of this module run on both topologies unless marked ``standalone_only``."""
+    return topo_settings
 
 
 class PausedAfterRead(Repository):
@@ -215,6 +222,7 @@ async def test_interleavings_never_leave_a_stale_entry_or_name(
         await store.invalidate([Tag.product(PID)])
 
 
+@standalone_only  # stops and restarts a Redis of its own (tests/faults cover a cluster's nodes)
 async def test_reads_survive_redis_stopping_and_hits_resume_after_it_returns(
     settings: Settings, private_redis: RedisProcess
 ) -> None:

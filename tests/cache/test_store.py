@@ -1,5 +1,6 @@
-"""The cache protocol against a real Redis: leases, fills, page sets, registries, invalidation,
-and the one-slot-per-script rule every call keeps."""
+"""The cache protocol against a real Redis and a real Redis Cluster: leases, fills, page sets,
+registries, invalidation, and the one-slot-per-script rule every call keeps. Every test runs on
+both topologies."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
 from core.cache import entry
 from core.cache.store import CacheStore, FillItem, slot_groups
 from core.keys import Keys, Tag
+from core.redisclient import CrossSlot, is_cluster, pubsub_client
+from core.redisscript import Script
 from core.settings import Settings
 from service.app import create_store
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
 
 
 def _store(redis: Redis, settings: Settings, **changes: object) -> CacheStore:
@@ -78,7 +86,7 @@ class SlotChecked(CacheStore):
 
     calls: list[int]
 
-    async def _eval(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         slots = {key_slot(k.encode()) for k in keys}
         assert len(slots) <= 1 or not self.per_slot, f"a script call spans slots {slots}: {keys}"
         self.calls.append(len(keys))
@@ -91,8 +99,13 @@ async def test_every_call_runs_one_script_per_slot_and_batches_keep_one_call_sta
 ) -> None:
     keys = Keys(settings.key_namespace)
     store = SlotChecked(redis_client, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+    assert store.per_slot == is_cluster(redis_client), "per slot by default on a cluster only"
     store.per_slot, store.calls = per_slot, []
     ids = [f"p{i}" for i in range(20)]
+    if is_cluster(redis_client) and not per_slot:
+        with pytest.raises(CrossSlot):  # why a cluster needs the groups
+            await store.acquire([keys.product(i) for i in ids])
+        return
     got = await store.acquire([keys.product(i) for i in ids])
     assert got.outcomes == [True] * 20
     items = [FillItem(keys.product(i), _product(), 60_000, version=1) for i in ids]
@@ -207,7 +220,7 @@ async def test_a_rename_changes_no_cached_value_and_is_announced(
     keys = Keys(settings.key_namespace)
     key = keys.product("p1")
     acquired = await store.acquire([key])
-    pubsub = redis_client.pubsub()
+    pubsub = (await pubsub_client(redis_client)).pubsub()
     await pubsub.subscribe(keys.names_channel)
     assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
     assert await store.invalidate([Tag.category("c1"), Tag.brand("b1")]) == 0

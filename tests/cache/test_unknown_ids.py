@@ -3,6 +3,7 @@ a filter that matches no product (each was two keys, or a page plus tag sets, fo
 
 from __future__ import annotations
 
+import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -11,6 +12,12 @@ from core.keys import Keys
 from core.repository import Repository
 from core.settings import Settings
 from service.app import create_store
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
 
 
 async def namespace_keys(redis: Redis, namespace: str) -> dict[bytes, int]:

@@ -82,7 +82,7 @@ class Group:
     def start(self, name: str) -> Recording:
         redis, reader = redis_clients(self.settings, self.isettings)
         keys = self.isettings.keys(self.settings)
-        store = CacheStore(cast(Redis, redis), keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+        store = CacheStore(redis, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
         wait = ReplicaWait.from_settings(self.settings, keys)
         consumer = Recording(redis, reader, store, keys, self.isettings, name, wait)
         self.running.append((consumer, asyncio.create_task(consumer.serve()), (redis, reader)))

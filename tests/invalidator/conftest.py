@@ -109,7 +109,7 @@ class Consumers:
         isettings = self.isettings.replace(**overrides)
         redis, reader = redis_clients(self.settings, isettings)
         keys = isettings.keys(self.settings)
-        store = CacheStore(cast(Redis, redis), keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
+        store = CacheStore(redis, keys, lease_ttl_ms=5000, tag_margin_ms=60_000)
         consumer = cls(redis, reader, store, keys, isettings, name, replicas=replicas)
         self.running.append((consumer, asyncio.create_task(consumer.serve()), [redis, reader]))
         return consumer

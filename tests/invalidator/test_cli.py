@@ -15,7 +15,7 @@ from core.keys import Keys
 from core.settings import Settings
 from invalidator.deadletter import list_dead_letters
 from invalidator.settings import InvalidatorSettings
-from tests.helpers import eventually, standalone_only
+from tests.helpers import eventually
 from tests.invalidator.conftest import Consumers, entries, exists, fill
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,6 @@ def test_bad_setting_exits_2_naming_the_variable(settings: Settings) -> None:
     assert InvalidatorSettings.from_env({}).read_timeout_s > 5.0
 
 
-@standalone_only
 async def test_redrive_of_poison_and_empty_letters_crashes_nothing(
     settings: Settings,
     store: CacheStore,

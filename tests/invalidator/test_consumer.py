@@ -21,6 +21,7 @@ from core.events import (
 )
 from core.keys import Keys
 from core.publisher import Publisher
+from core.redisclient import pubsub_client
 from core.settings import Settings
 from invalidator.consumer import Consumer
 from invalidator.deadletter import list_dead_letters, redrive
@@ -28,6 +29,12 @@ from invalidator.settings import InvalidatorSettings
 from invalidator.worker import redis_clients
 from tests.helpers import eventually
 from tests.invalidator.conftest import Consumers, counted, exists, fill, fill_page, group_info
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
 
 
 async def drained(redis: Redis, keys: Keys) -> bool:
@@ -112,7 +119,7 @@ async def test_renames_are_announced_on_the_names_channel_after_they_are_applied
 ) -> None:
     """Every process drops a renamed name from its table on these messages
     (core/cache/names.py); no cached value changes."""
-    pubsub = redis.pubsub()
+    pubsub = (await pubsub_client(redis)).pubsub()
     await pubsub.subscribe(keys.names_channel)
     assert (await pubsub.get_message(timeout=10))["type"] == "subscribe"
     consumers.start("c")

@@ -13,10 +13,18 @@ from core.cache.store import CacheStore
 from core.events import MAX_ENTRY_BYTES
 from core.keys import Keys
 from core.publisher import Publisher
+from core.settings import Settings
 from invalidator import consumer as consumer_module
 from invalidator.deadletter import TRUNCATED, list_dead_letters
 from tests.helpers import eventually
 from tests.invalidator.conftest import Consumers, counted, exists, fill, fill_page, group_info
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
+
 
 BASE = {"schema": "1", "type": "product.updated", "event_id": "e", "occurred_at": "1"}
 

@@ -35,6 +35,12 @@ from tests.helpers import eventually
 from tests.invalidator.conftest import Consumers, counted, fill, fill_page
 
 
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
+
+
 async def catalog(db: AsyncEngine) -> dict[str, tuple[str, str]]:
     """Every product: id -> (category, brand)."""
     async with db.connect() as conn:

@@ -18,10 +18,18 @@ from core.cache.store import CacheStore
 from core.events import PRICE_RULE_CHANGED, PRODUCT_UPDATED, new_event
 from core.keys import Keys
 from core.publisher import Publisher
+from core.redisclient import mget
 from core.settings import Settings
 from invalidator.deadletter import list_dead_letters
 from tests.helpers import eventually
 from tests.invalidator.conftest import exists, fill, group_info
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
+
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -37,6 +45,7 @@ class Processes:
             "PATH": os.environ["PATH"],
             "PYTHONPATH": str(ROOT),
             "CATALOG_REDIS_URL": self.settings.redis_url,
+            "CATALOG_REDIS_MODE": self.settings.redis_mode,
             "CATALOG_KEY_NAMESPACE": self.settings.key_namespace,
             "CATALOG_INVALIDATOR_CONSUMER": name,
             "CATALOG_INVALIDATOR_BLOCK_MS": "200",
@@ -133,7 +142,7 @@ async def test_sigkilled_consumer_loses_nothing(
     assert await redis.xpending_range(keys.stream, keys.group, "-", "+", 10) == []
     stale = [
         i
-        for i, there in enumerate(await redis.mget([keys.product(str(i)) for i in range(total)]))
+        for i, there in enumerate(await mget(redis, [keys.product(str(i)) for i in range(total)]))
         if there
     ]
     assert stale == []

@@ -16,11 +16,19 @@ from core.cache.store import CacheStore
 from core.events import PRODUCT_UPDATED, Invalidation, new_event, to_fields
 from core.keys import Keys
 from core.publisher import Publisher
+from core.settings import Settings
 from invalidator.consumer import Consumer, apply_invalidation
 from invalidator.outbox import Apply, OutboxRelay
 from tests.helpers import eventually
 from tests.invalidator.conftest import Consumers, entries, fill, group_info
 from tests.invalidator.test_outbox import bump, insert_row, stream_fields
+
+
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Every test of this module runs on one Redis and on a Redis Cluster."""
+    return topo_settings
+
 
 PRODUCT = "p0000001"
 
