@@ -61,14 +61,7 @@ def connect(
     error or timeout (default: redis-py's); the read path passes 0 (its breaker decides).
     No I/O happens here: a cluster client learns the slot map on its first command.
     """
-    options: dict[str, Any] = {
-        "socket_timeout": settings.redis_socket_timeout_s
-        if socket_timeout is None
-        else socket_timeout,
-        "socket_connect_timeout": settings.redis_connect_timeout_s
-        if connect_timeout is None
-        else connect_timeout,
-    }
+    options = _timeouts(settings, socket_timeout, connect_timeout)
     if retries is not None:
         options["retry"] = Retry(NoBackoff(), retries)
     try:
@@ -102,12 +95,11 @@ def connect(
         ) from None
 
 
-def connect_sync(
-    settings: Settings, *, socket_timeout: float | None = None, connect_timeout: float | None = None
-) -> redis.Redis | redis.RedisCluster:
-    """A blocking client of the same kind, for tools (a start-up PING, server statistics). A
-    cluster client connects as it is built: that may raise ``RedisClusterException``."""
-    timeouts: dict[str, Any] = {
+def _timeouts(
+    settings: Settings, socket_timeout: float | None, connect_timeout: float | None
+) -> dict[str, Any]:
+    """Client timeouts: the given ones, else the settings' read-path values."""
+    return {
         "socket_timeout": settings.redis_socket_timeout_s
         if socket_timeout is None
         else socket_timeout,
@@ -115,6 +107,14 @@ def connect_sync(
         if connect_timeout is None
         else connect_timeout,
     }
+
+
+def connect_sync(
+    settings: Settings, *, socket_timeout: float | None = None, connect_timeout: float | None = None
+) -> redis.Redis | redis.RedisCluster:
+    """A blocking client of the same kind, for tools (a start-up PING, server statistics). A
+    cluster client connects as it is built: that may raise ``RedisClusterException``."""
+    timeouts = _timeouts(settings, socket_timeout, connect_timeout)
     if settings.redis_mode == "cluster":
         return redis.RedisCluster.from_url(settings.redis_url, **timeouts)
     return redis.Redis.from_url(settings.redis_url, **timeouts)
