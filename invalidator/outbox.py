@@ -43,9 +43,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 from opentelemetry.trace import SpanKind
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -64,6 +62,7 @@ from core.outbox import outbox
 from core.publisher import Publisher
 from core.redisclient import ReplicationShortfall
 from invalidator import metrics
+from invalidator.consumer import TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ MAX_STREAM_NAME = 256
 MAX_ERROR = 500
 
 
+# Entries per invalidation call of the fast path (the consumer's default batch is 200).
+APPLY_CHUNK = 100
 # Applies one batch's invalidation to the cache (the relay's fast path).
 Apply = Callable[[Invalidation], Awaitable[object]]
 
@@ -266,7 +267,7 @@ class OutboxRelay:
                     ]
                     replies = await self.publisher.publish_entries(entries)
                 for (row_id, _, _), reply in zip(good, replies, strict=True):
-                    if isinstance(reply, (RedisConnectionError, RedisTimeoutError)):
+                    if isinstance(reply, TRANSIENT):
                         raise reply  # not the row's fault: roll back, retry the batch
                     if isinstance(reply, ResponseError):
                         bad[row_id] = f"Redis refused the XADD: {reply}"
@@ -319,20 +320,24 @@ class OutboxRelay:
                     event = parse(fields)
                     if scope_to_resolve(event) is None:  # a lookup is the consumer's job
                         events.append((row_id, event))
-        if not events:
-            return set()
-        try:
-            await self.apply(invalidation_for(event for _, event in events))
-        except (RedisConnectionError, RedisTimeoutError):
-            raise
-        except Exception as exc:
-            log.warning("outbox relay left %d entries to the consumer: %s", len(events), exc)
-            return set()
-        now_ms = time.time() * 1000
-        for _, event in events:
-            metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
-        self.applied += len(events)
-        return {row_id for row_id, _ in events}
+        applied: set[int] = set()
+        # In chunks, as the consumer reads them: a full batch of 100-id entries in one script
+        # would hold Redis for every reader while it deletes tens of thousands of keys.
+        for k in range(0, len(events), APPLY_CHUNK):
+            chunk = events[k : k + APPLY_CHUNK]
+            try:
+                await self.apply(invalidation_for(event for _, event in chunk))
+            except TRANSIENT:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay left %d entries to the consumer: %s", len(chunk), exc)
+                continue
+            now_ms = time.time() * 1000
+            for _, event in chunk:
+                metrics.END_TO_END_SECONDS.observe(max(0.0, now_ms - event.occurred_at_ms) / 1000)
+            applied.update(row_id for row_id, _ in chunk)
+        self.applied += len(applied)
+        return applied
 
     async def purge_sent(self) -> int:
         """Delete rows sent longer than ``retention_s`` ago (kept for audits and replays)."""
