@@ -120,7 +120,6 @@ class Deletions:
                 await asyncio.sleep(0.005)
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.sleep(0.2)  # the last notifications reach the listener
         out, _ = await self.proc.communicate(b"")
         for line in out.decode().splitlines():
             at, _, key = line.partition(" ")
