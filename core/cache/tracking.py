@@ -1,0 +1,270 @@
+"""The near cache's invalidation channel: Redis server-assisted client-side caching.
+
+Per Redis node (the one server, or every primary of a cluster) two connections of our own:
+
+* a *redirect* connection (RESP2) subscribed to ``__redis__:invalidate``;
+* a *control* connection that turns on ``CLIENT TRACKING ON REDIRECT <id> BCAST PREFIX
+  <products> PREFIX <heartbeats>``: the node then reports every change of a key under either
+  prefix (written, deleted, expired, evicted, flushed) on the redirect connection, in the order
+  it made them, whoever made them.
+
+The control connection also writes this process's heartbeat, ``SET
+<ns>:v3:nc:<process>:{<tag>}:<n>`` (a tag in the node's slots, a fresh key per beat so a key
+evicted or expired early can never be mistaken for the next beat), and waits for the key's
+invalidation to come back through the redirect connection. When it does, every change the node
+made before the beat was written has been applied to the near cache (one ordered channel):
+:meth:`NearCache.advance` records the instant the beat was *sent*. The near cache serves only
+while the oldest node's such instant is at most ``CATALOG_NEAR_CACHE_MAX_STALENESS_MS`` old, so
+any failure of the channel (a connection killed, Redis paused or slow, a network delay) turns
+into misses within that bound, not into stale hits. redis-py's own pub/sub is not used: it
+reconnects silently, after which tracking would still redirect to the dead connection and
+invalidations would be lost without an error.
+
+A session ends (and the near cache is emptied) when a connection fails, a beat does not come
+back within ``broken_after_s``, a node flushes its data (the invalidation of ``null``: emptied,
+the session goes on), or the cluster's set of primaries changes (a failover, a node added).
+The next session starts after ``RETRY_S`` with the nodes known then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from core import metrics
+from core.cache.near import NearCache
+from core.clusterclient import Cluster
+from core.keys import LEASE_SUFFIX, Keys
+from core.redisclient import RedisClient, slot_tag
+
+log = logging.getLogger(__name__)
+
+CHANNEL = b"__redis__:invalidate"
+#: Wait before the next session after one ended.
+RETRY_S = 0.2
+#: How often a cluster session compares the primaries it tracks with the cluster's.
+TOPOLOGY_CHECK_S = 0.5
+
+
+class ChannelBroken(Exception):
+    """The channel can no longer prove it is up to date: start a new session."""
+
+
+class Tracking:
+    """Keeps ``near`` in step with ``redis`` until cancelled (:meth:`run`)."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        near: NearCache,
+        keys: Keys,
+        heartbeat_s: float,
+        broken_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.near = near
+        self.heartbeat_s = heartbeat_s
+        self.broken_after_s = broken_after_s
+        self.clock = clock
+        self.products = keys.product_prefix
+        self.beats = keys.heartbeat_prefix(uuid.uuid4().hex[:12])
+        #: Set while a session has every node's channel open (tests wait on it).
+        self.tracking = asyncio.Event()
+        self.sessions = 0
+
+    async def run(self) -> None:
+        while True:
+            reason = "error"
+            try:
+                await self._session()
+            except ChannelBroken as exc:
+                reason = str(exc).split(":", 1)[0]
+                log.warning("near cache channel: %s; emptied, reconnecting", exc)
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "near cache channel lost (%s: %s); emptied, reconnecting",
+                    type(exc).__name__,
+                    exc,
+                )
+            finally:
+                self.tracking.clear()
+                self.near.reset([])  # serve nothing until the next session proves itself
+            metrics.NEAR_RESETS.labels(reason).inc()
+            if isinstance(self.redis, Cluster):
+                self.redis.refresh()  # a failed node may be why: learn the slot map again
+            await asyncio.sleep(RETRY_S)
+
+    async def _session(self) -> None:
+        nodes = await self._nodes()
+        channels = [
+            _NodeChannel(self, name, client, self.beats + "{" + tag + "}:")
+            for name, client, tag in nodes
+        ]
+        try:
+            for channel in channels:
+                await channel.open()
+            # Tracking is on everywhere: from here on no change can go unreported. Entries read
+            # before are dropped, and tickets taken before are void (the epoch).
+            self.near.reset([c.name for c in channels])
+            self.sessions += 1
+            self.tracking.set()
+            tasks = [asyncio.ensure_future(c.receive()) for c in channels]
+            tasks += [asyncio.ensure_future(c.beat()) for c in channels]
+            if isinstance(self.redis, Cluster):
+                tasks.append(asyncio.ensure_future(self._watch_topology(channels)))
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # raises what ended the session
+                raise ChannelBroken("error: a channel task ended")  # pragma: no cover
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    async def _nodes(self) -> list[tuple[str, Redis, str]]:
+        """(name, client, hash tag in its slots) of every node to track."""
+        redis = self.redis
+        if isinstance(redis, Cluster):
+            await redis.ready()
+            out = []
+            for node in redis.get_primaries():
+                slots = [s for s, nodes in redis.nodes_manager.slots_cache.items()
+                         if nodes and nodes[0].name == node.name]  # fmt: skip
+                if slots:
+                    out.append((node.name, redis.node_client(node), slot_tag(min(slots))))
+            if not out:
+                raise ChannelBroken("nodes: the cluster client knows no primary with slots")
+            return out
+        if not isinstance(redis, Redis):
+            raise TypeError("the near cache needs a client built by core.redisclient.connect")
+        kwargs = redis.connection_pool.connection_kwargs
+        return [(f"{kwargs.get('host', 'redis')}:{kwargs.get('port', '')}", redis, "0")]
+
+    async def _watch_topology(self, channels: list[_NodeChannel]) -> None:
+        """End the session when the cluster's primaries (with slots) are no longer the nodes
+        this session tracks: a failover, or a node added or emptied."""
+        assert isinstance(self.redis, Cluster)
+        tracked = {c.name for c in channels}
+        while True:
+            await asyncio.sleep(TOPOLOGY_CHECK_S)
+            seen = await channels[0].primaries()
+            if seen != tracked:
+                raise ChannelBroken(f"topology: primaries now {sorted(seen)}")
+
+
+class _NodeChannel:
+    """The two connections of one node, its heartbeat and its reader."""
+
+    def __init__(self, owner: Tracking, name: str, client: Redis, beat_prefix: str) -> None:
+        self.owner = owner
+        self.name = name
+        self.client = client
+        self.beat_prefix = beat_prefix
+        self.beat_prefix_b = beat_prefix.encode()
+        self.products_b = owner.products.encode()
+        self.sub: AbstractConnection | None = None
+        self.ctl: AbstractConnection | None = None
+        self.sent_at = 0.0
+        self.number = 0
+        self.returned = asyncio.Event()
+        self._expected = b""  # the key of the beat in flight
+
+    def _connection(self, timeout: float | None) -> AbstractConnection:
+        pool = self.client.connection_pool
+        options: dict[str, Any] = dict(pool.connection_kwargs)
+        options.update(protocol=2, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        return pool.connection_class(**options)
+
+    async def open(self) -> None:
+        self.sub = self._connection(None)  # reads block until a message comes
+        await self.sub.connect()  # type: ignore[no-untyped-call]
+        client_id = await self._call(self.sub, "CLIENT", "ID")
+        await self.sub.send_command("SUBSCRIBE", CHANNEL)
+        confirm = await self.sub.read_response()
+        if not (isinstance(confirm, list) and confirm[0] == b"subscribe"):
+            raise ChannelBroken(f"error: unexpected SUBSCRIBE reply {confirm!r}")
+        self.ctl = self._connection(self.owner.broken_after_s)
+        await self.ctl.connect()  # type: ignore[no-untyped-call]
+        await self._call(
+            self.ctl, "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST",
+            "PREFIX", self.owner.products, "PREFIX", self.beat_prefix,
+        )  # fmt: skip
+
+    @staticmethod
+    async def _call(conn: AbstractConnection, *args: Any) -> Any:
+        await conn.send_command(*args)
+        return await conn.read_response()
+
+    async def close(self) -> None:
+        for conn in (self.sub, self.ctl):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+
+    async def receive(self) -> None:
+        """Apply invalidations in the order the node reports them."""
+        assert self.sub is not None
+        near = self.owner.near
+        products, beats = self.products_b, self.beat_prefix_b
+        while True:
+            message = await self.sub.read_response()
+            if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
+                continue
+            changed = message[2]
+            if changed is None:  # FLUSHALL / FLUSHDB: everything changed
+                near.reset()
+                metrics.NEAR_RESETS.labels("flush").inc()
+                continue
+            for key in changed:
+                if key.startswith(beats):
+                    if key == self._expected:
+                        near.advance(self.name, self.sent_at)
+                        self.returned.set()
+                elif key.startswith(products) and not key.endswith(_LEASE):
+                    metrics.NEAR_INVALIDATIONS.inc()
+                    near.invalidate(key.decode())
+
+    async def beat(self) -> None:
+        """Write a heartbeat, wait for it to come back, pause; until something fails."""
+        assert self.ctl is not None
+        ttl_ms = str(int(self.owner.broken_after_s * 4000) + 1000)
+        while True:
+            self.number += 1
+            self._expected = (self.beat_prefix + str(self.number)).encode()
+            self.returned.clear()
+            self.sent_at = self.owner.clock()
+            await self._call(self.ctl, "SET", self._expected, b"1", "PX", ttl_ms)
+            try:
+                await asyncio.wait_for(self.returned.wait(), self.owner.broken_after_s)
+            except TimeoutError:
+                raise ChannelBroken(
+                    f"stalled: no heartbeat back from {self.name} within "
+                    f"{self.owner.broken_after_s:.1f}s"
+                ) from None
+            await asyncio.sleep(self.owner.heartbeat_s)
+
+    async def primaries(self) -> set[str]:
+        """``host:port`` of every primary that serves slots, as this node sees the cluster."""
+        assert self.ctl is not None
+        slots = await self._call(self.ctl, "CLUSTER", "SLOTS")
+        return {f"{r[2][0].decode()}:{r[2][1]}" for r in slots}
+
+
+_LEASE = LEASE_SUFFIX.encode()
+__all__ = ["ChannelBroken", "Tracking"]
