@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import capture, invalidation, rpc, stampede, zipf
+from bench import capture, invalidation, near, rpc, stampede, zipf
 from bench.environment import BenchEnv
 from bench.report import Row, medians, table, write
 
@@ -31,6 +31,9 @@ def scenarios(quick: bool) -> dict[str, Callable[[BenchEnv], list[Row]]]:
             env, 5.0 if quick else 20.0, idle_s=10.0 if quick else 30.0
         ),
         "price_rule": lambda env: capture.run_price_rule(env),
+        "near": lambda env: near.run(
+            env, timing, 2.0 if quick else 3.0, 5.0 if quick else 12.0, 1.0 if quick else 3.0
+        ),
     }
 
 

@@ -99,7 +99,9 @@ def load(
     return result
 
 
-def _rows(scenario: str, r: dict[str, Any], base: dict[str, Any] | None = None) -> list[Row]:
+def standard_rows(
+    scenario: str, r: dict[str, Any], base: dict[str, Any] | None = None
+) -> list[Row]:
     """The standard figures of one run, as ratios of ``base`` when given."""
     figures = [
         ("RPS", "rps", "req/s"),
@@ -120,7 +122,7 @@ def _rows(scenario: str, r: dict[str, Any], base: dict[str, Any] | None = None) 
     return rows
 
 
-def _targeted(rows: list[Row], targets: dict[str, str]) -> list[Row]:
+def targeted(rows: list[Row], targets: dict[str, str]) -> list[Row]:
     return [Row(**{**r.__dict__, "target": targets.get(r.figure, "")}) for r in rows]
 
 
@@ -159,19 +161,19 @@ def run(env: BenchEnv, timing: Timing) -> list[Row]:
     finally:
         redis.close()
 
-    rows += _rows("(a) floor: bare gRPC + 1 Redis GET", fl)
-    rows += _rows("(b) bare gRPC echo, no Redis", ec)
-    rows += _targeted(
-        _rows("GetProduct hit vs floor (a)", hit["GetProduct"], fl),
+    rows += standard_rows("(a) floor: bare gRPC + 1 Redis GET", fl)
+    rows += standard_rows("(b) bare gRPC echo, no Redis", ec)
+    rows += targeted(
+        standard_rows("GetProduct hit vs floor (a)", hit["GetProduct"], fl),
         {"RPS": ">= 0.9", "p50": "<= 1.15"},
     )
     rows.append(Row("GetProduct hit", "Redis requests per call", hit["GetProduct"]["redis_per_call"], "", target="<= 1.02"))  # fmt: skip  # noqa: E501
     for method in ("ListProducts", "BatchGetProducts"):
         label = {"ListProducts": "ListProducts page of 20", "BatchGetProducts": "BatchGetProducts of 50"}[method]  # fmt: skip  # noqa: E501
-        rows += _rows(f"{label} uncached", cold[method])
-        rows += _targeted(_rows(f"{label} hit vs uncached", hit[method], cold[method]), {"RPS": ">= 3"})  # fmt: skip  # noqa: E501
+        rows += standard_rows(f"{label} uncached", cold[method])
+        rows += targeted(standard_rows(f"{label} hit vs uncached", hit[method], cold[method]), {"RPS": ">= 3"})  # fmt: skip  # noqa: E501
         rows.append(Row(f"{label} hit", "Redis requests per call", hit[method]["redis_per_call"], "", target="<= 1.02"))  # fmt: skip  # noqa: E501
-    rows += _rows("GetProduct uncached", cold["GetProduct"])
+    rows += standard_rows("GetProduct uncached", cold["GetProduct"])
     rows.append(Row.vs("GetProduct hit, 2 workers vs 1", "RPS", w2["rps"], "req/s", hit["GetProduct"]["rps"]))  # fmt: skip  # noqa: E501
     rows.append(Row.vs("GetProduct hit, 2 workers vs 1", "server CPU per 1k req", w2["server_cpu_s_per_1k"], "s", hit["GetProduct"]["server_cpu_s_per_1k"]))  # fmt: skip  # noqa: E501
     rows.append(Row("GetProduct hit, 2 workers vs 1", "load generator CPU", w2["client_cores"], "cores"))  # fmt: skip  # noqa: E501
