@@ -139,7 +139,7 @@ async def start(
     tracing.instrument_redis(redis)
     watch_pools(engine, redis)
     watch_breaker(lambda: reader.breaker.is_open)
-    writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
+    writer = ProductWriter(engine, repo, reader.loader, reader.breaker, reader.near)
     views = ViewCounter(redis, keys, settings.views_max_pending)
     api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer, views)
 

@@ -220,7 +220,7 @@ class _NodeChannel:
     async def receive(self) -> None:
         """Apply invalidations in the order the node reports them."""
         assert self.sub is not None
-        near = self.owner.near
+        owner = self.owner
         products, beats = self.products_b, self.beat_prefix_b
         while True:
             message = await self.sub.read_response()
@@ -228,17 +228,17 @@ class _NodeChannel:
                 continue
             changed = message[2]
             if changed is None:  # FLUSHALL / FLUSHDB: everything changed
-                near.reset()
+                owner.near.reset()
                 metrics.NEAR_RESETS.labels("flush").inc()
                 continue
             for key in changed:
                 if key.startswith(beats):
                     if key == self._expected:
-                        near.advance(self.name, self.sent_at)
+                        owner.near.advance(self.name, self.sent_at)
                         self.returned.set()
                 elif key.startswith(products) and not key.endswith(_LEASE):
                     metrics.NEAR_INVALIDATIONS.inc()
-                    near.invalidate(key.decode())
+                    owner.near.invalidate(key.decode())
 
     async def beat(self) -> None:
         """Write a heartbeat, wait for it to come back, pause; until something fails."""

@@ -27,8 +27,11 @@ P, Q, R = "p0000011", "p0000012", "p0000013"
 
 
 @pytest.fixture
-def settings(topo_settings: Settings) -> Settings:
-    return topo_settings.replace(near_cache_enabled=True, grpc_address="127.0.0.1:0")
+def settings(topo_settings: Settings, fresh_database_url: str) -> Settings:
+    """Both topologies; a database of its own (a test updates products)."""
+    return topo_settings.replace(
+        near_cache_enabled=True, grpc_address="127.0.0.1:0", database_url=fresh_database_url
+    )
 
 
 @pytest.fixture
@@ -173,3 +176,46 @@ async def test_the_service_serves_near_hits_over_grpc(svc: Service) -> None:
         got = await stub.GetProduct(pb.GetProductRequest(id=P))
     assert got.id == P and got.category.name and got.brand.name, "names appended on a near hit"
     assert near_hits() == 1
+
+
+async def test_an_update_is_read_back_by_its_own_process_at_once(
+    svc: Service, redis_client: RedisClient
+) -> None:
+    """UpdateProduct returns only once this process's near cache has dropped the older entry:
+    the next read here sees the write without waiting for the channel. The channel is made
+    slower than the reply: its invalidations are held back (heartbeats still pass), as on a
+    busy loop, and only the writer's own drop can make the read fresh."""
+    from google.protobuf import field_mask_pb2
+
+    from catalog.v1 import catalog_pb2_grpc
+    from tests.helpers import writer_channel
+
+    assert svc.tracking is not None
+    svc.tracking.near = HeldBack(near_of(svc))  # type: ignore[assignment]
+    await held(svc, P)
+    async with writer_channel(f"127.0.0.1:{svc.port}") as channel:
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        for n in range(5):
+            await held(svc, P)
+            updated = await stub.UpdateProduct(
+                pb.UpdateProductRequest(
+                    product=pb.Product(id=P, name=f"Near {n}"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+                )
+            )
+            got = await stub.GetProduct(pb.GetProductRequest(id=P))
+            assert (got.name, got.version) == (f"Near {n}", updated.version)
+
+
+class HeldBack:
+    """A near cache as the channel sees it, with the channel's invalidations dropped (a test
+    of the writer's own path; the writer holds the real one)."""
+
+    def __init__(self, near: NearCache) -> None:
+        self._near = near
+
+    def invalidate(self, key: str) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._near, name)
