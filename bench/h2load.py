@@ -12,10 +12,14 @@ grow by exactly the calls h2load completed, or, for a server without that metric
 completed call must have carried a whole response message (h2load's DATA byte count). A run
 that fails the check is returned with ``valid`` false and a ``why``.
 
-A run is a warm-up (``-D``, discarded) that also estimates the rate, then a measured run of a
-fixed number of calls (``-n``: h2load then completes every call it starts, so the server's count
-can be compared exactly). Latency percentiles come from h2load's per-request log; the server's
-and h2load's own CPU from ``/proc`` and ``wait4`` around the measured run.
+Every h2load run makes a fixed number of calls (``-n``: h2load then completes every call it
+starts, so the server's count can be compared exactly, and no call of an earlier run is still
+being answered): a probe of 100 calls per connection and a warm-up of about ``warmup_s``, both
+discarded, estimate the rate; the measured run makes rate x ``duration_s`` calls. Closed loop
+(each connection keeps its share of ``concurrency`` calls in flight), or open loop at a fixed
+``rate`` (``--rps``, spread over the connections). Latency percentiles come from h2load's
+per-request log; the server's and h2load's own CPU from ``/proc`` and ``wait4`` around the
+measured run.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Load:
     warmup_s: float
     duration_s: float  # aimed at: the measured run makes warm-up rate x this many calls
     server_pids: list[int] = field(default_factory=list)
+    rate: float | None = None  # calls/s in all (open loop, h2load --rps); None: closed loop
 
 
 def parse(output: str) -> dict[str, float]:
@@ -94,6 +99,8 @@ def _h2load(load: Load, body: Path, *mode: str, log: Path | None = None) -> tupl
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         "-c", str(load.connections), "-m", str(per_connection), "-t", "1", *mode,
     ]  # fmt: skip
+    if load.rate is not None:
+        command.append(f"--rps={load.rate / load.connections:g}")
     if log is not None:
         command.append(f"--log-file={log}")
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
@@ -104,6 +111,12 @@ def _h2load(load: Load, body: Path, *mode: str, log: Path | None = None) -> tupl
     if proc.returncode != 0:
         raise RuntimeError(f"h2load failed ({proc.returncode}):\n{output[-3000:]}")
     return output, usage.ru_utime + usage.ru_stime
+
+
+def _calls(load: Load, calls: float) -> int:
+    """At least 100 calls per connection, the same number on each."""
+    per_connection = max(100, round(calls / load.connections))
+    return per_connection * load.connections
 
 
 def run(
@@ -117,10 +130,10 @@ def run(
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
         body = Path(tmp) / "request"
         body.write_bytes(frame(load.request))
-        warm, _ = _h2load(load, body, "-D", f"{load.warmup_s:g}")
-        rate = parse(warm)["done"] / load.warmup_s
-        calls = max(load.connections * 100, round(rate * load.duration_s))
-        calls -= calls % load.connections  # the same number on every connection
+        probe = parse(_h2load(load, body, "-n", str(load.connections * 100))[0])
+        rate = load.rate or probe["done"] / probe["elapsed_s"]
+        warm = parse(_h2load(load, body, "-n", str(_calls(load, rate * load.warmup_s)))[0])
+        calls = _calls(load, (load.rate or warm["done"] / warm["elapsed_s"]) * load.duration_s)
         log = Path(tmp) / "log"
         ok0 = ok_calls() if ok_calls is not None else 0.0
         server0 = cpu_seconds(load.server_pids)
