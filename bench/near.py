@@ -1,13 +1,15 @@
 """The near cache (L1, ``CATALOG_NEAR_CACHE_ENABLED``) against the bare in-memory gRPC floor, and
 a Zipf(1.1) read load with it on and off. One after another, in the same run:
 
-* Floor (b) of bench/rpc.py (``bench/floor_server.py echo``: a bare grpc.aio server answering a
-  cached product's bytes from memory), GetProduct of one product held in L1, and the same
-  GetProduct with L1 off (a Redis hit): each loaded by h2load (bench/h2load.py), a C generator
-  that costs the machine little CPU, with the same connections and calls in flight as
-  bench/loadgen.py. Each run is checked (the service's ``grpc_server_handled_total`` OK count,
-  the floor's response bytes) and the L1 run also by the near cache's own counters: every
-  lookup a hit, or the run measured Redis, not L1.
+* GetProduct of one product with L1 off (a Redis hit), floor (b) of bench/rpc.py
+  (``bench/floor_server.py echo``: a bare grpc.aio server answering the product's stored bytes
+  from memory), and GetProduct of that product held in L1: each loaded by h2load
+  (bench/h2load.py), a C generator that costs the machine little CPU, with the connections and
+  calls in flight of bench/loadgen.py; floor (b) and the L1 hit also at a fixed rate (open
+  loop), where their CPU per call compares at the same load. Each h2load run is checked (the
+  service's ``grpc_server_handled_total`` OK count, the floor's response bytes), and the L1 run
+  also by the near cache's own counters: were its lookups not hits, it measured Redis, not L1.
+  The idle CPU of a server with L1 on (its heartbeats) and off.
 * Zipf(1.1) over all 100k products, GetProduct only, every product cached in Redis first (a
   BatchGet pass), each server started with an empty L1: bench/loadgen.py (h2load sends one
   body, so one id), a warm-up process on the first half of the draws, then the measured one on
@@ -148,7 +150,7 @@ def hit_rows(env: BenchEnv, timing: Timing, idle_s: float) -> list[Row]:
     checked = ((FLOOR, floor), (L1_HIT, hit), (REDIS_HIT, via_redis), (FIXED, floor_fixed),
                (FIXED_HIT, hit_fixed))  # fmt: skip
     for scenario, r in checked:
-        # Calls the check could not confirm (bench/h2load.py); 0 in a valid run.
+        # 1: the run failed its check (bench/h2load.py), its figures are not to be trusted.
         rows.append(Row(scenario, "invalid run", 0.0 if r["valid"] else 1.0, "", target="== 0"))
     return rows
 
