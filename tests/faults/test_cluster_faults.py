@@ -8,6 +8,8 @@ and while hot slots move.
 * The ``{views}`` slot and the stream's slot are moved with ``redis-cli --cluster reshard``
   while events are published, views recorded and flushed, and the stream consumed: no caller
   sees an error (MOVED, ASK, TRYAGAIN and CROSSSLOT are all handled below them).
+* A WAIT for replicas still succeeds while a primary's lowest slot (the one redis-cli moves
+  first) is being migrated.
 
 The consumers apply an event by writing a marker key per product (its own slot), as in
 tests/invalidator/test_group.py: the cached format is not what is tested here. Faults are
@@ -29,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.cache.store import CacheStore
 from core.events import PRODUCT_UPDATED, new_event, to_fields
+from core.keys import Keys
 from core.outbox import outbox
 from core.publisher import Publisher
 from core.redisclient import RedisClient, ReplicaWait, connect, mget
@@ -237,3 +240,26 @@ async def test_moving_hot_slots_under_load_shows_callers_no_redirect(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_wait_for_replicas_is_not_refused_while_a_primary_migrates_its_lowest_slot(
+    cluster6: ClusterLauncher, database_url: str
+) -> None:
+    """``redis-cli --cluster reshard`` (and ``rebalance``) move a source's lowest slots first:
+    a WAIT whose fence key is in a slot being migrated, and not (or no longer) on the source,
+    meets ASK for the whole move, and nothing can be acked."""
+    settings = settings_on(cluster6, database_url)
+    redis = connect(settings, socket_timeout=5.0)
+    synced = ReplicaWait.from_settings(settings, Keys("synced"))
+    await eventually(lambda: synced(redis), 30, "every primary's replica in sync")
+    source, target = sorted(cluster6.primaries())[:2]
+    slot = str(cluster6.slots_of(source)[0])
+    cluster6.cli("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster6.node_id(source), port=target)
+    cluster6.cli("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster6.node_id(target), port=source)
+    try:  # a namespace of its own: its fence keys exist nowhere yet
+        wait = ReplicaWait.from_settings(settings, Keys(settings.key_namespace))
+        assert await wait(redis) is True
+    finally:
+        for port in (source, target):
+            cluster6.cli("CLUSTER", "SETSLOT", slot, "STABLE", port=port)
+        await redis.aclose()
