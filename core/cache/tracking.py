@@ -103,6 +103,9 @@ class Tracking:
                     type(exc).__name__,
                     exc,
                 )
+            except Exception:  # a bug, or a reply of a shape not foreseen: never stop for good
+                reason = "bug"
+                log.exception("near cache channel failed; emptied, reconnecting")
             finally:
                 self.tracking.clear()
                 self.near.reset([])  # serve nothing until the next session proves itself
