@@ -184,6 +184,9 @@ class _NodeChannel:
         self.number = 0
         self.returned = asyncio.Event()
         self._expected = b""  # the key of the beat in flight
+        # The heartbeat and the topology check share the control connection: one command at a
+        # time (two readers of one socket raise RuntimeError, which would end the tracking).
+        self._control = asyncio.Lock()
 
     def _connection(self, timeout: float | None) -> AbstractConnection:
         pool = self.client.connection_pool
@@ -248,8 +251,9 @@ class _NodeChannel:
             self.number += 1
             self._expected = (self.beat_prefix + str(self.number)).encode()
             self.returned.clear()
-            self.sent_at = self.owner.clock()
-            await self._call(self.ctl, "SET", self._expected, b"1", "PX", ttl_ms)
+            async with self._control:
+                self.sent_at = self.owner.clock()
+                await self._call(self.ctl, "SET", self._expected, b"1", "PX", ttl_ms)
             try:
                 await asyncio.wait_for(self.returned.wait(), self.owner.broken_after_s)
             except TimeoutError:
@@ -262,7 +266,8 @@ class _NodeChannel:
     async def primaries(self) -> set[str]:
         """``host:port`` of every primary that serves slots, as this node sees the cluster."""
         assert self.ctl is not None
-        slots = await self._call(self.ctl, "CLUSTER", "SLOTS")
+        async with self._control:
+            slots = await self._call(self.ctl, "CLUSTER", "SLOTS")
         return {f"{r[2][0].decode()}:{r[2][1]}" for r in slots}
 
 
