@@ -139,7 +139,7 @@ async def start(
     tracing.instrument_redis(redis)
     watch_pools(engine, redis)
     watch_breaker(lambda: reader.breaker.is_open)
-    writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
+    writer = ProductWriter(engine, repo, reader.loader, reader.breaker, reader.near)
     views = ViewCounter(redis, keys, settings.views_max_pending)
     api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer, views)
 
@@ -210,14 +210,14 @@ def near_cache_tracking(
     redis: RedisClient, near: NearCache, keys: Keys, settings: Settings
 ) -> Tracking:
     """The invalidation channel of ``near``: a heartbeat every ``near_cache_heartbeat_ms``,
-    and a channel whose heartbeat has not come back in 10 bounds (at least a second) is
-    rebuilt (core/cache/tracking.py)."""
+    and a channel whose heartbeat has not come back within 20 staleness bounds (at least a
+    second) is rebuilt (core/cache/tracking.py)."""
     return Tracking(
         redis,
         near,
         keys,
         heartbeat_s=settings.near_cache_heartbeat_ms / 1000.0,
-        broken_after_s=max(1.0, settings.near_cache_max_staleness_ms / 100.0),
+        broken_after_s=max(1.0, 20 * settings.near_cache_max_staleness_ms / 1000.0),
     )
 
 

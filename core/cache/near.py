@@ -49,7 +49,7 @@ class Ticket(NamedTuple):
 
 class _Entry(NamedTuple):
     raw: bytes
-    fresh_until_ms: int
+    fresh_until: float  # the entry's logical expiry on the monotonic clock
     version: int
     size: int
 
@@ -125,10 +125,11 @@ class NearCache:
         if found is None:
             metrics.NEAR_MISSES.inc()
             return None
-        if self._clock() - self.watermark > self._max_age:
+        now = self._clock()
+        if now - self.watermark > self._max_age:
             metrics.NEAR_SUSPENDED.inc()
             return None
-        if found.fresh_until_ms <= self._wall_ms():
+        if found.fresh_until <= now:
             metrics.NEAR_MISSES.inc()
             return None
         self._entries.move_to_end(key)
@@ -168,7 +169,8 @@ class NearCache:
         size = len(raw) + len(key) + ENTRY_OVERHEAD
         if size > self._max_bytes:
             return False
-        self._entries[key] = _Entry(raw, head.fresh_until_ms, head.version, size)
+        fresh_until = self._clock() + (head.fresh_until_ms - self._wall_ms()) / 1000.0
+        self._entries[key] = _Entry(raw, fresh_until, head.version, size)
         self._bytes += size
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
             _, evicted = self._entries.popitem(last=False)

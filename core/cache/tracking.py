@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 CHANNEL = b"__redis__:invalidate"
 #: Wait before the next session after one ended.
 RETRY_S = 0.2
-#: How often a cluster session compares the primaries it tracks with the cluster's.
-TOPOLOGY_CHECK_S = 0.5
+#: A cluster session compares its primaries with the cluster's at least every this many beats,
+#: even when the config epoch did not move.
+FULL_CHECK_BEATS = 100
 
 
 class ChannelBroken(Exception):
@@ -83,6 +84,8 @@ class Tracking:
         #: Set while a session has every node's channel open (tests wait on it).
         self.tracking = asyncio.Event()
         self.sessions = 0
+        #: On a cluster, ``host:port`` of the primaries this session tracks; None standalone.
+        self.tracked: set[str] | None = None
 
     async def run(self) -> None:
         while True:
@@ -112,6 +115,7 @@ class Tracking:
             _NodeChannel(self, name, client, self.beats + "{" + tag + "}:")
             for name, client, tag in nodes
         ]
+        self.tracked = {c.name for c in channels} if isinstance(self.redis, Cluster) else None
         try:
             for channel in channels:
                 await channel.open()
@@ -122,8 +126,6 @@ class Tracking:
             self.tracking.set()
             tasks = [asyncio.ensure_future(c.receive()) for c in channels]
             tasks += [asyncio.ensure_future(c.beat()) for c in channels]
-            if isinstance(self.redis, Cluster):
-                tasks.append(asyncio.ensure_future(self._watch_topology(channels)))
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -156,17 +158,6 @@ class Tracking:
         kwargs = redis.connection_pool.connection_kwargs
         return [(f"{kwargs.get('host', 'redis')}:{kwargs.get('port', '')}", redis, "0")]
 
-    async def _watch_topology(self, channels: list[_NodeChannel]) -> None:
-        """End the session when the cluster's primaries (with slots) are no longer the nodes
-        this session tracks: a failover, or a node added or emptied."""
-        assert isinstance(self.redis, Cluster)
-        tracked = {c.name for c in channels}
-        while True:
-            await asyncio.sleep(TOPOLOGY_CHECK_S)
-            seen = await channels[0].primaries()
-            if seen != tracked:
-                raise ChannelBroken(f"topology: primaries now {sorted(seen)}")
-
 
 class _NodeChannel:
     """The two connections of one node, its heartbeat and its reader."""
@@ -184,9 +175,7 @@ class _NodeChannel:
         self.number = 0
         self.returned = asyncio.Event()
         self._expected = b""  # the key of the beat in flight
-        # The heartbeat and the topology check share the control connection: one command at a
-        # time (two readers of one socket raise RuntimeError, which would end the tracking).
-        self._control = asyncio.Lock()
+        self.epoch = b""  # the cluster's config epoch when the topology was last checked
 
     def _connection(self, timeout: float | None) -> AbstractConnection:
         pool = self.client.connection_pool
@@ -208,6 +197,10 @@ class _NodeChannel:
             self.ctl, "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST",
             "PREFIX", self.owner.products, "PREFIX", self.beat_prefix,
         )  # fmt: skip
+        if self.owner.tracked is not None:
+            # The nodes came from the client's slot map, which may be out of date.
+            self.epoch = _config_epoch(await self._call(self.ctl, "CLUSTER", "INFO"))
+            await self.check_topology()
 
     @staticmethod
     async def _call(conn: AbstractConnection, *args: Any) -> Any:
@@ -223,7 +216,7 @@ class _NodeChannel:
     async def receive(self) -> None:
         """Apply invalidations in the order the node reports them."""
         assert self.sub is not None
-        near = self.owner.near
+        owner = self.owner
         products, beats = self.products_b, self.beat_prefix_b
         while True:
             message = await self.sub.read_response()
@@ -231,44 +224,68 @@ class _NodeChannel:
                 continue
             changed = message[2]
             if changed is None:  # FLUSHALL / FLUSHDB: everything changed
-                near.reset()
+                owner.near.reset()
                 metrics.NEAR_RESETS.labels("flush").inc()
                 continue
             for key in changed:
                 if key.startswith(beats):
                     if key == self._expected:
-                        near.advance(self.name, self.sent_at)
                         self.returned.set()
                 elif key.startswith(products) and not key.endswith(_LEASE):
                     metrics.NEAR_INVALIDATIONS.inc()
-                    near.invalidate(key.decode())
+                    owner.near.invalidate(key.decode())
 
     async def beat(self) -> None:
-        """Write a heartbeat, wait for it to come back, pause; until something fails."""
+        """Write a heartbeat, wait for it to come back, advance the watermark, pause; until
+        something fails. On a cluster each beat first asks the node for the cluster's config
+        epoch (same write, so no extra round trip): when it moved, the primaries are compared
+        with those tracked before the beat may count."""
         assert self.ctl is not None
-        ttl_ms = str(int(self.owner.broken_after_s * 4000) + 1000)
+        ctl, owner = self.ctl, self.owner
+        ttl_ms = str(int(owner.broken_after_s * 4000) + 1000)
         while True:
             self.number += 1
             self._expected = (self.beat_prefix + str(self.number)).encode()
             self.returned.clear()
-            async with self._control:
-                self.sent_at = self.owner.clock()
-                await self._call(self.ctl, "SET", self._expected, b"1", "PX", ttl_ms)
+            self.sent_at = owner.clock()
+            beat = ("SET", self._expected, b"1", "PX", ttl_ms)
+            if owner.tracked is None:
+                await self._call(ctl, *beat)
+            else:
+                await ctl.send_packed_command(ctl.pack_commands([("CLUSTER", "INFO"), beat]))
+                info = await ctl.read_response()
+                await ctl.read_response()
+                epoch = _config_epoch(info)
+                if epoch != self.epoch or self.number % FULL_CHECK_BEATS == 0:
+                    await self.check_topology()
+                    self.epoch = epoch
             try:
-                await asyncio.wait_for(self.returned.wait(), self.owner.broken_after_s)
+                await asyncio.wait_for(self.returned.wait(), owner.broken_after_s)
             except TimeoutError:
                 raise ChannelBroken(
                     f"stalled: no heartbeat back from {self.name} within "
-                    f"{self.owner.broken_after_s:.1f}s"
+                    f"{owner.broken_after_s:.1f}s"
                 ) from None
-            await asyncio.sleep(self.owner.heartbeat_s)
+            # Every invalidation the node sent before the beat's own has been applied.
+            owner.near.advance(self.name, self.sent_at)
+            await asyncio.sleep(owner.heartbeat_s)
 
-    async def primaries(self) -> set[str]:
-        """``host:port`` of every primary that serves slots, as this node sees the cluster."""
+    async def check_topology(self) -> None:
+        """Fail the session unless the primaries serving slots, as this node sees them, are
+        the nodes it tracks (a failover, a node added, a node emptied)."""
         assert self.ctl is not None
-        async with self._control:
-            slots = await self._call(self.ctl, "CLUSTER", "SLOTS")
-        return {f"{r[2][0].decode()}:{r[2][1]}" for r in slots}
+        assert self.owner.tracked is not None
+        slots = await self._call(self.ctl, "CLUSTER", "SLOTS")
+        seen = {f"{r[2][0].decode()}:{r[2][1]}" for r in slots}
+        if seen != self.owner.tracked:
+            raise ChannelBroken(f"topology: primaries now {sorted(seen)}")
+
+
+def _config_epoch(info: bytes) -> bytes:
+    """``cluster_current_epoch`` from a CLUSTER INFO reply: it moves whenever a slot changes
+    hands (a failover, a resharded slot)."""
+    start = info.find(b"cluster_current_epoch:")
+    return info[start : info.find(b"\r\n", start)] if start >= 0 else info
 
 
 _LEASE = LEASE_SUFFIX.encode()
