@@ -1,0 +1,110 @@
+"""The writer of the near-cache fault tests (tests/faults/test_near_cache_faults.py), run as a
+process of its own so its CPU is not the service's: ``python -m tests.faults.near_writer OUT
+RATE WORKERS MODE`` with the test's ``CATALOG_*`` settings in the environment.
+
+It changes Zipf-drawn products (the readers' hot set) at ``RATE`` per second in all, from
+``WORKERS`` clients, until SIGTERM, then writes one JSON line per acknowledged change to ``OUT``
+(product, version, acknowledgement on ``time.monotonic()``, a clock the whole machine shares)
+and a last line counting the changes it could not acknowledge. MODE ``redis``: a change is what
+UpdateProduct does (a plain SQL UPDATE, then the write-through into Redis, then ``WAIT`` when
+``CATALOG_REDIS_WAIT_REPLICAS`` asks for replicas), acknowledged once Redis has it; ``commit``:
+the plain SQL UPDATE only, acknowledged at its commit (it reaches Redis through the
+invalidator)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from core.cache.loader import REDIS_FAILURES
+from core.cache.reader import Reader
+from core.db import create_engine
+from core.keys import Keys
+from core.redisclient import ReplicaWait
+from core.repository import Repository
+from core.settings import Settings
+from devtools.history import History
+from devtools.workload import update_plain, zipf_draws
+from service.app import create_redis, create_store
+from tests.faults.conftest import PRODUCT_IDS
+
+ZIPF_S = 1.1
+SEED = 7
+
+
+class Writer:
+    """One change at a time per caller, on connections of its own (module docstring)."""
+
+    def __init__(self, settings: Settings, through_redis: bool) -> None:
+        self.engine = create_engine(settings)
+        self.redis = create_redis(settings.replace(redis_pool_timeout_s=5.0))
+        self.keys = Keys(settings.key_namespace)
+        loader = Reader(
+            create_store(self.redis, settings), Repository(self.engine), self.keys, settings
+        ).loader
+        assert loader is not None
+        self.loader = loader
+        self.replicas = ReplicaWait.from_settings(settings, self.keys)
+        self.through_redis = through_redis
+        self.unacknowledged = 0
+
+    async def write(self, product_id: str, history: History) -> None:
+        version = await update_plain(self.engine, product_id)
+        if self.through_redis:
+            try:
+                await self.loader.write_through(product_id)
+                acked = await self.replicas(self.redis, [self.keys.product(product_id)])
+            except REDIS_FAILURES:
+                acked = False
+            if not acked:
+                self.unacknowledged += 1
+                return
+        history.write(product_id, version, time.monotonic())
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+async def paced(
+    writer: Writer, history: History, draws: list[str], period: float, stop: asyncio.Event
+) -> None:
+    """Write ``draws`` in turn, one every ``period`` seconds at most, until ``stop``."""
+    next_at = time.monotonic()
+    for product_id in itertools.cycle(draws):
+        if stop.is_set():
+            return
+        await writer.write(product_id, history)
+        next_at = max(next_at + period, time.monotonic() - period)  # no burst to catch up
+        if (pause := next_at - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
+
+
+async def main(out: Path, rate: float, workers: int, mode: str) -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    writer = Writer(Settings.from_env(), through_redis=mode == "redis")
+    history = History()
+    draws = zipf_draws(PRODUCT_IDS, 20_000, s=ZIPF_S, seed=SEED)
+    step = len(draws) // workers
+    try:
+        await asyncio.gather(
+            *(
+                paced(writer, history, draws[n * step :] + draws[: n * step], workers / rate, stop)
+                for n in range(workers)
+            )
+        )
+    finally:
+        await writer.close()
+        lines = [json.dumps([w.key, w.version, w.committed]) for w in history.writes]
+        lines.append(json.dumps({"unacknowledged": writer.unacknowledged}))
+        await asyncio.to_thread(out.write_text, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
