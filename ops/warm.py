@@ -50,10 +50,12 @@ async def warm(
     top: int,
     categories: int,
     rate: float,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> Warmed:
     """Warm ``top`` products and the first page of ``categories`` categories, at most ``rate``
-    products per second (0: unlimited), printing progress to ``out``."""
+    products per second (0: unlimited), printing progress to ``out`` (``sys.stderr`` as it is
+    at the call, not at import: a caller may have replaced it since)."""
+    out = sys.stderr if out is None else out
     started = time.monotonic()
     async with engine.connect() as conn:
         ids = list((await conn.execute(_TOP_PRODUCTS, {"n": top})).scalars())

@@ -2,7 +2,7 @@
 
 Reads are answered (through the cache) and views are counted in the cluster: the client the
 service builds, its pool gauges and the view counter's script. The cache's invalidation on a
-cluster, end to end: tests/test_cluster_end_to_end.py. A GetProduct hit costs one GET."""
+cluster, end to end: tests/test_end_to_end.py. A GetProduct hit costs one GET."""
 
 from __future__ import annotations
 

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
 
 
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Tests of this module run on both topologies (one Redis and a Redis Cluster)."""
+    return topo_settings
+
+
 def conninfo(sa_url: str) -> str:
     return sa_url.replace("postgresql+psycopg://", "postgresql://")
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, cast
 
+import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,6 +21,12 @@ if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
 
 
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Tests of this module run on both topologies (one Redis and a Redis Cluster)."""
+    return topo_settings
+
+
 async def _fill(stub: Stub) -> None:
     """Products, a negative entry and two pages of two filters, as callers would cache them."""
     for pid in ("p0000001", "p0000002", "p0000003"):
@@ -31,7 +38,8 @@ async def _fill(stub: Stub) -> None:
     await stub.ListProducts(pb.ListProductsRequest(page_size=3, category_id=category))
 
 
-def _run_cli(settings: Settings) -> subprocess.CompletedProcess[str]:
+def run_verify(settings: Settings) -> subprocess.CompletedProcess[str]:
+    """``python -m ops verify`` on ``settings``, as an operator runs it."""
     return subprocess.run(
         [sys.executable, "-m", "ops", "verify"],
         env=settings_env(settings),
@@ -50,7 +58,7 @@ async def test_a_cache_filled_by_the_service_has_no_stale_entry(
     assert report.stale == []
     assert report.products >= 5  # pages cache their products too
     assert (report.negatives, report.pages) == (1, 3)
-    done = _run_cli(settings)
+    done = run_verify(settings)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "stale: 0" in done.stdout
 
@@ -92,7 +100,7 @@ async def test_planted_stale_entries_are_reported_with_their_ids(
         ("product", "p0000001"),
         ("product", "p0000002"),
     ]
-    done = _run_cli(settings)
+    done = run_verify(settings)
     assert done.returncode == 1
     assert "stale: 4" in done.stdout
     assert "p0000002" in done.stdout and "p0000005" in done.stdout

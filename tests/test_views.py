@@ -1,9 +1,12 @@
-"""RecordProductViews over gRPC, against an in-process server whose Redis is a private
-redis-server, so its INFO counters see nothing but this test's traffic."""
+"""RecordProductViews over gRPC, against an in-process server whose Redis is private (a
+redis-server of the test's own, or a 3-primary Redis Cluster of this module's own), so its INFO
+counters, summed over the primaries, see nothing but this test's traffic. Runs on both
+topologies."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -14,10 +17,13 @@ from redis.asyncio import Redis
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.keys import Keys
+from core.redisclient import RedisClient, connect, keys_in_namespace
 from core.settings import Settings
 from devtools.localservers import RedisProcess
+from devtools.rediscluster import RedisCluster
 from service.app import Service, start
-from tests.helpers import Delta, writer_channel
+from tests.conftest import Topology
+from tests.helpers import Delta, delete_namespace, standalone_only, writer_channel
 
 if TYPE_CHECKING:
     from catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub as Stub
@@ -25,9 +31,37 @@ if TYPE_CHECKING:
 STATS = ("total_commands_processed", "total_reads_processed", "total_writes_processed")
 
 
+@pytest.fixture(scope="module")
+def private_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    with RedisCluster(tmp_path_factory.mktemp("viewscluster"), primaries=3) as cluster:
+        yield cluster
+
+
+@dataclass(frozen=True)
+class Private:
+    """The test's private Redis: the settings that reach it, and the URL of every primary."""
+
+    settings: Settings
+    primaries: list[str]
+
+
 @pytest.fixture
-async def views_service(settings: Settings, private_redis: RedisProcess) -> AsyncIterator[Service]:
-    svc = await start(settings.replace(grpc_address="127.0.0.1:0", redis_url=private_redis.url))
+def private(
+    settings: Settings, redis_topology: Topology, request: pytest.FixtureRequest
+) -> Private:
+    """``settings`` on a private Redis of ``redis_topology``'s mode."""
+    if redis_topology.mode == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("private_cluster")
+        url, primaries = cluster.url, [cluster.node(p).url for p in cluster.primaries()]
+    else:
+        server: RedisProcess = request.getfixturevalue("private_redis")
+        url, primaries = server.url, [server.url]
+    return Private(settings.replace(redis_url=url, redis_mode=redis_topology.mode), primaries)
+
+
+@pytest.fixture
+async def views_service(private: Private) -> AsyncIterator[Service]:
+    svc = await start(private.settings.replace(grpc_address="127.0.0.1:0"))
     yield svc
     await svc.stop(grace=0)
 
@@ -38,26 +72,52 @@ async def views_stub(views_service: Service) -> AsyncIterator[Stub]:
         yield catalog_pb2_grpc.CatalogServiceStub(channel)
 
 
+@dataclass
+class Probe:
+    """A client of the private Redis (``client``, of its topology) and one plain client per
+    primary (``nodes``), to read INFO where the commands ran."""
+
+    client: RedisClient
+    nodes: list[Redis]
+
+
 @pytest.fixture
-async def probe(private_redis: RedisProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url)
-    await client.ping()  # connect now, so its handshake is not counted later
-    yield client
+async def probe(private: Private) -> AsyncIterator[Probe]:
+    client = connect(private.settings, socket_timeout=5.0)
+    nodes = [Redis.from_url(url) for url in private.primaries]
+    for node in nodes:
+        await node.ping()  # connect now, so its handshake is not counted later
+    yield Probe(client, nodes)
+    await delete_namespace(client, private.settings.key_namespace)  # the cluster outlives us
     await client.aclose()
+    for node in nodes:
+        await node.aclose()
 
 
-async def counts(redis: Redis, keys: Keys) -> dict[str, int]:
+async def counts(redis: RedisClient, keys: Keys) -> dict[str, int]:
     pending = await redis.hgetall(keys.views_pending)
     return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in pending.items()}
 
 
-async def server_stats(redis: Redis) -> tuple[dict[str, int], dict[str, int]]:
-    """(INFO stats counters, calls per command). The INFO call itself is one command."""
-    info: dict[str, Any] = await redis.info("all")
-    calls = {
-        k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if "cmdstat_" in k
-    }
-    return {k: int(info[k]) for k in STATS}, calls
+async def server_stats(probe: Probe) -> tuple[dict[str, int], dict[str, int]]:
+    """(INFO stats counters, calls per command), each summed over the primaries. The INFO call
+    itself is one command on each primary."""
+    stats: dict[str, int] = dict.fromkeys(STATS, 0)
+    calls: dict[str, int] = {}
+    for node in probe.nodes:
+        info: dict[str, Any] = await node.info("all")
+        for k in STATS:
+            stats[k] += int(info[k])
+        for k, v in info.items():
+            if "cmdstat_" in k:
+                name = k.removeprefix("cmdstat_")
+                calls[name] = calls.get(name, 0) + int(v["calls"])
+    return stats, calls
+
+
+async def used_memory(probe: Probe) -> int:
+    """Redis ``used_memory``, summed over the primaries."""
+    return sum([int((await node.info("memory"))["used_memory"]) for node in probe.nodes])
 
 
 def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -69,30 +129,41 @@ def record(*ids: str) -> pb.RecordProductViewsRequest:
 
 
 async def test_each_occurrence_is_one_view_and_is_counted_in_redis(
-    views_stub: Stub, probe: Redis, settings: Settings
+    views_stub: Stub, probe: Probe, settings: Settings
 ) -> None:
     recorded = Delta("catalog_views_recorded_total")
     reply = await views_stub.RecordProductViews(record("p0000001", "p0000002", "p0000001"))
     assert reply.recorded == 3
     reply = await views_stub.RecordProductViews(record("p0000002"))
     assert reply.recorded == 1
-    assert await counts(probe, Keys(settings.key_namespace)) == {"p0000001": 2, "p0000002": 2}
+    assert await counts(probe.client, Keys(settings.key_namespace)) == {
+        "p0000001": 2,
+        "p0000002": 2,
+    }
     assert recorded() == 4
 
 
-async def test_a_call_is_one_round_trip_to_redis(views_stub: Stub, probe: Redis) -> None:
+async def test_a_call_is_one_round_trip_to_redis(views_stub: Stub, probe: Probe) -> None:
     await views_stub.RecordProductViews(record("warm-up"))  # the pool connects once, before
+    infos = len(probe.nodes)  # our INFO, one per primary
     stats, calls = await server_stats(probe)
     await views_stub.RecordProductViews(record("a", "b", "a", "c"))
     stats2, calls2 = await server_stats(probe)
-    # One request read and one reply written for the RPC, one of each for our INFO. (Commands
-    # a script runs count too: the EVALSHA, 3 HEXISTS, 1 HLEN and 3 HINCRBY.)
+    # One request read and one reply written for the RPC (every counter is in the {views} slot,
+    # so on a cluster too), one of each per INFO. (Commands a script runs count too: the
+    # EVALSHA, 3 HEXISTS, 1 HLEN and 3 HINCRBY.)
     assert moved(stats, stats2) == {
-        "total_commands_processed": 9,
-        "total_reads_processed": 2,
-        "total_writes_processed": 2,
+        "total_commands_processed": 8 + infos,
+        "total_reads_processed": 1 + infos,
+        "total_writes_processed": 1 + infos,
     }
-    assert moved(calls, calls2) == {"evalsha": 1, "hexists": 3, "hlen": 1, "hincrby": 3, "info": 1}
+    assert moved(calls, calls2) == {
+        "evalsha": 1,
+        "hexists": 3,
+        "hlen": 1,
+        "hincrby": 3,
+        "info": infos,
+    }
 
     ids = [f"p{i:07d}" for i in range(1, 1001)]  # the largest batch: still one script
     stats, calls = await server_stats(probe)
@@ -104,7 +175,7 @@ async def test_a_call_is_one_round_trip_to_redis(views_stub: Stub, probe: Redis)
         "hexists": 1000,
         "hlen": 1,
         "hincrby": 1000,
-        "info": 1,
+        "info": infos,
     }
 
 
@@ -120,7 +191,7 @@ async def test_a_call_is_one_round_trip_to_redis(views_stub: Stub, probe: Redis)
     ],
 )
 async def test_malformed_batch_is_invalid_argument_before_any_io(
-    views_stub: Stub, probe: Redis, ids: list[str], message: str
+    views_stub: Stub, probe: Probe, ids: list[str], message: str
 ) -> None:
     await views_stub.RecordProductViews(record("warm-up"))
     _, calls = await server_stats(probe)
@@ -129,9 +200,10 @@ async def test_malformed_batch_is_invalid_argument_before_any_io(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (err.value.details() or "")
     _, calls2 = await server_stats(probe)
-    assert moved(calls, calls2) == {"info": 1}
+    assert moved(calls, calls2) == {"info": len(probe.nodes)}
 
 
+@standalone_only  # stops and restarts a Redis of its own (tests/faults cover a cluster's nodes)
 async def test_redis_down_is_unavailable(
     views_stub: Stub, private_redis: RedisProcess, settings: Settings
 ) -> None:
@@ -150,7 +222,7 @@ async def test_redis_down_is_unavailable(
 
 
 async def test_a_flood_of_unknown_ids_is_capped_and_gone_after_the_flush(
-    settings: Settings, private_redis: RedisProcess, fresh_database_url: str
+    private: Private, probe: Probe, fresh_database_url: str
 ) -> None:
     """Calls of 1000 distinct unknown ids each: the pending hash stops at its cap and further
     new ids get RESOURCE_EXHAUSTED (the whole call refused); ids already pending still count.
@@ -159,9 +231,8 @@ async def test_a_flood_of_unknown_ids_is_capped_and_gone_after_the_flush(
     from invalidator.viewflush import ViewFlusher
 
     cap = 5000
-    own = settings.replace(
+    own = private.settings.replace(
         grpc_address="127.0.0.1:0",
-        redis_url=private_redis.url,
         database_url=fresh_database_url,
         views_max_pending=cap,
     )
@@ -169,13 +240,11 @@ async def test_a_flood_of_unknown_ids_is_capped_and_gone_after_the_flush(
     svc = await start(own)
     refused = Delta("catalog_views_refused_total")
     try:
-        async with (
-            writer_channel(f"127.0.0.1:{svc.port}") as channel,
-            Redis.from_url(private_redis.url) as redis,
-        ):
+        redis = probe.client
+        async with writer_channel(f"127.0.0.1:{svc.port}") as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             await stub.RecordProductViews(record("p0000001"))
-            used_before = int((await redis.info("memory"))["used_memory"])
+            used_before = await used_memory(probe)
             codes = []
             for call in range(20):
                 ids = [f"flood-{call}-{n}" for n in range(1000)]
@@ -185,7 +254,7 @@ async def test_a_flood_of_unknown_ids_is_capped_and_gone_after_the_flush(
                 except aio.AioRpcError as exc:
                     codes.append(exc.code())
             pending = await redis.hlen(keys.views_pending)
-            used_after = int((await redis.info("memory"))["used_memory"])
+            used_after = await used_memory(probe)
             print(
                 f"\npending hash at its cap: {pending} ids, Redis used_memory "
                 f"+{(used_after - used_before) / 1e6:.2f} MB"
@@ -205,7 +274,8 @@ async def test_a_flood_of_unknown_ids_is_capped_and_gone_after_the_flush(
             finally:
                 await engine.dispose()
             assert (done.views, done.dropped) == (2, 4000)
-            assert [k async for k in redis.scan_iter(match=f"{own.key_namespace}:{{views}}*")] == []
+            left = keys_in_namespace(redis, f"{own.key_namespace}:{{views}}*")
+            assert [k async for k in left] == []
             await stub.RecordProductViews(record(*[f"after-{n}" for n in range(1000)]))
     finally:
         await svc.stop(grace=0)

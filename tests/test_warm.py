@@ -19,6 +19,12 @@ from tests.helpers import Delta, db_loads
 from tests.processes import settings_env
 
 
+@pytest.fixture
+def settings(topo_settings: Settings) -> Settings:
+    """Tests of this module run on both topologies (one Redis and a Redis Cluster)."""
+    return topo_settings
+
+
 def record_views(url: str, views: dict[str, int]) -> None:
     with psycopg.connect(libpq_url(url)) as conn:
         for product_id, n in views.items():
