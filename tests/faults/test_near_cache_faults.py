@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ from devtools.serverprocess import settings_env
 from devtools.workload import zipf_draws
 from service.app import Service, start
 from tests.faults.conftest import PRODUCT_IDS, ROOT, Invalidators, pause_process, wait_until
-from tests.faults.near_writer import SEED, ZIPF_S
+from tests.faults.near_writer import SEED, ZIPF_S, Writer
 from tests.faults.test_cluster_faults import settings_on
 from tests.helpers import metric
 
@@ -449,11 +450,14 @@ class DelayProxy:
         assert task is not None
         self._tasks.add(task)
         try:
-            redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
+            with contextlib.suppress(asyncio.CancelledError, OSError):  # stop() ends them all
+                await self._relay(client_r, client_w)
+        finally:
             client_w.close()
             self._tasks.discard(task)
-            return
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         pipes = [
             asyncio.ensure_future(self._forward(client_r, redis_w)),
@@ -466,9 +470,7 @@ class DelayProxy:
             for pipe in pipes:
                 pipe.cancel()
             await asyncio.gather(*pipes, return_exceptions=True)
-            for w in (client_w, redis_w):
-                w.close()
-            self._tasks.discard(task)
+            redis_w.close()
 
     @staticmethod
     async def _forward(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -557,24 +559,36 @@ async def test_the_checker_sees_a_near_cache_that_outlives_its_bound(
     record_property: Callable[[str, object], None],
 ) -> None:
     """The control of the tests above: the same stall under a bound of LOOSE_MS (a beat then
-    counts as stalled only after minutes) lets L1 serve what it holds while the changes the
-    stall hides land in Redis. The checker must see reads staler than X: the fault tests'
-    "at most X" is not a harness that cannot fail."""
+    counts as stalled only after minutes) lets L1 serve what it holds while changes of the
+    hottest products land in Redis unseen (written by this test once the channel is held, so
+    that they surely fall in the stall). The checker must see reads staler than X: the fault
+    tests' "at most X" is not a harness that cannot fail."""
     report = Report("loose bound")
     cfg = near_settings(settings, fresh_database_url, f"redis://127.0.0.1:{proxy.port}/0").replace(
         near_cache_max_staleness_ms=LOOSE_MS
     )
     direct = cfg.replace(redis_url=private_redis.url)
-    async with running(cfg, tmp_path, direct) as (_, load):
-        hits = near("hit")
-        proxy.flowing.clear()
-        await asyncio.sleep(STALL_S)  # the fault's length
-        proxy.flowing.set()
-        served = near("hit") - hits
-        await settle(load)
+    draws = zipf_draws(PRODUCT_IDS, 20_000, s=ZIPF_S, seed=SEED)
+    hottest = [pid for pid, _ in Counter(draws).most_common(10)]
+    writer = Writer(direct, through_redis=True)
+    try:
+        async with running(cfg, tmp_path, direct) as (_, load):
+            hits = near("hit")
+            proxy.flowing.clear()
+            for pid in hottest:
+                await writer.write(pid, load.history)
+            stale_s = await wait_until(
+                lambda: load.history.worst_staleness() > X_S, RECOVER_S, "a read staler than X"
+            )
+            proxy.flowing.set()
+            served = near("hit") - hits
+            await settle(load)
+    finally:
+        await writer.close()
     worst = load.history.worst()
     report.add(
         hits_while_stalled=int(served),
+        stale_seen_after_s=stale_s,
         stale_reads=len(load.history.stale_reads()),
         worst_staleness_ms=worst.staleness * 1000 if worst else 0.0,
     )
