@@ -1,6 +1,7 @@
 """The writer of the near-cache fault tests (tests/faults/test_near_cache_faults.py), run as a
 process of its own so its CPU is not the service's: ``python -m tests.faults.near_writer OUT
-RATE WORKERS MODE`` with the test's ``CATALOG_*`` settings in the environment.
+RATE WORKERS MODE PART PARTS`` with the test's ``CATALOG_*`` settings in the environment (PART
+of PARTS such processes: each starts at its own place in the draws).
 
 It changes Zipf-drawn products (the readers' hot set) at ``RATE`` per second in all, from
 ``WORKERS`` clients, until SIGTERM, then writes one JSON line per acknowledged change to ``OUT``
@@ -85,18 +86,18 @@ async def paced(
             await asyncio.sleep(pause)
 
 
-async def main(out: Path, rate: float, workers: int, mode: str) -> None:
+async def main(out: Path, rate: float, workers: int, mode: str, part: int, parts: int) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     writer = Writer(Settings.from_env(), through_redis=mode == "redis")
     history = History()
     draws = zipf_draws(PRODUCT_IDS, 20_000, s=ZIPF_S, seed=SEED)
-    step = len(draws) // workers
+    step = len(draws) // (workers * parts)
     try:
         await asyncio.gather(
             *(
-                paced(writer, history, draws[n * step :] + draws[: n * step], workers / rate, stop)
-                for n in range(workers)
+                paced(writer, history, draws[k * step :] + draws[: k * step], workers / rate, stop)
+                for k in range(part * workers, (part + 1) * workers)
             )
         )
     finally:
@@ -107,4 +108,5 @@ async def main(out: Path, rate: float, workers: int, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
+    out, rate, workers, mode, part, parts = sys.argv[1:7]
+    asyncio.run(main(Path(out), float(rate), int(workers), mode, int(part), int(parts)))
