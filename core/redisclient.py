@@ -254,7 +254,10 @@ class ReplicaWait:
 def _nodes_and_slots(
     client: Cluster, written: Iterable[str] | None
 ) -> list[tuple[ClusterNode, int]]:
-    """One (primary, slot it owns) per node that holds ``written``, or per primary."""
+    """One (primary, slot it owns) per node that holds ``written``, or per primary: its highest
+    slot. ``redis-cli --cluster reshard`` and ``rebalance`` move a node's lowest slots first,
+    and a fence in a slot being migrated meets ``ASK`` (a shortfall): with the lowest slot, no
+    WAIT on that node would succeed while a reshard takes slots from it."""
     chosen: dict[str, tuple[ClusterNode, int]] = {}
     if written is not None:
         for key in written:
@@ -263,7 +266,7 @@ def _nodes_and_slots(
             chosen.setdefault(node.name, (node, slot))
         return list(chosen.values())
     primaries = {node.name for node in client.get_primaries()}
-    for slot in range(REDIS_CLUSTER_HASH_SLOTS):
+    for slot in reversed(range(REDIS_CLUSTER_HASH_SLOTS)):
         nodes = client.nodes_manager.slots_cache.get(slot)
         if nodes and nodes[0].name not in chosen:
             chosen[nodes[0].name] = (nodes[0], slot)

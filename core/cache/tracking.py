@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, MovedError, RedisError
 
 from core import metrics
 from core.cache.near import NearCache
@@ -86,6 +86,8 @@ class Tracking:
         self.sessions = 0
         #: On a cluster, ``host:port`` of the primaries this session tracks; None standalone.
         self.tracked: set[str] | None = None
+        #: The current session's channels, one per node (for metrics and tests).
+        self.channels: list[_NodeChannel] = []
 
     async def run(self) -> None:
         while True:
@@ -101,6 +103,9 @@ class Tracking:
                     type(exc).__name__,
                     exc,
                 )
+            except Exception:  # a bug, or a reply of a shape not foreseen: never stop for good
+                reason = "bug"
+                log.exception("near cache channel failed; emptied, reconnecting")
             finally:
                 self.tracking.clear()
                 self.near.reset([])  # serve nothing until the next session proves itself
@@ -111,11 +116,9 @@ class Tracking:
 
     async def _session(self) -> None:
         nodes = await self._nodes()
-        channels = [
-            _NodeChannel(self, name, client, self.beats + "{" + tag + "}:")
-            for name, client, tag in nodes
-        ]
+        channels = [_NodeChannel(self, name, client, slot) for name, client, slot in nodes]
         self.tracked = {c.name for c in channels} if isinstance(self.redis, Cluster) else None
+        self.channels = channels
         try:
             for channel in channels:
                 await channel.open()
@@ -139,8 +142,9 @@ class Tracking:
             for channel in channels:
                 await channel.close()
 
-    async def _nodes(self) -> list[tuple[str, Redis, str]]:
-        """(name, client, hash tag in its slots) of every node to track."""
+    async def _nodes(self) -> list[tuple[str, Redis, int]]:
+        """(name, client, a slot of its own) of every node to track. The highest slot: a
+        reshard moves a node's lowest slots first."""
         redis = self.redis
         if isinstance(redis, Cluster):
             await redis.ready()
@@ -149,25 +153,26 @@ class Tracking:
                 slots = [s for s, nodes in redis.nodes_manager.slots_cache.items()
                          if nodes and nodes[0].name == node.name]  # fmt: skip
                 if slots:
-                    out.append((node.name, redis.node_client(node), slot_tag(min(slots))))
+                    out.append((node.name, redis.node_client(node), max(slots)))
             if not out:
                 raise ChannelBroken("nodes: the cluster client knows no primary with slots")
             return out
         if not isinstance(redis, Redis):
             raise TypeError("the near cache needs a client built by core.redisclient.connect")
         kwargs = redis.connection_pool.connection_kwargs
-        return [(f"{kwargs.get('host', 'redis')}:{kwargs.get('port', '')}", redis, "0")]
+        return [(f"{kwargs.get('host', 'redis')}:{kwargs.get('port', '')}", redis, 0)]
 
 
 class _NodeChannel:
     """The two connections of one node, its heartbeat and its reader."""
 
-    def __init__(self, owner: Tracking, name: str, client: Redis, beat_prefix: str) -> None:
+    def __init__(self, owner: Tracking, name: str, client: Redis, slot: int) -> None:
         self.owner = owner
         self.name = name
         self.client = client
-        self.beat_prefix = beat_prefix
-        self.beat_prefix_b = beat_prefix.encode()
+        self.beat_prefix_b = owner.beats.encode()  # any beat of this process
+        self.avoid: set[int] = set()  # slots a beat was redirected from in this session
+        self.tag(slot)
         self.products_b = owner.products.encode()
         self.sub: AbstractConnection | None = None
         self.ctl: AbstractConnection | None = None
@@ -176,6 +181,11 @@ class _NodeChannel:
         self.returned = asyncio.Event()
         self._expected = b""  # the key of the beat in flight
         self.epoch = b""  # the cluster's config epoch when the topology was last checked
+
+    def tag(self, slot: int) -> None:
+        """Beat in ``slot`` from now on (standalone: any)."""
+        self.slot = slot
+        self.beat_prefix = self.owner.beats + "{" + slot_tag(slot) + "}:"
 
     def _connection(self, timeout: float | None) -> AbstractConnection:
         pool = self.client.connection_pool
@@ -195,7 +205,7 @@ class _NodeChannel:
         await self.ctl.connect()  # type: ignore[no-untyped-call]
         await self._call(
             self.ctl, "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST",
-            "PREFIX", self.owner.products, "PREFIX", self.beat_prefix,
+            "PREFIX", self.owner.products, "PREFIX", self.owner.beats,
         )  # fmt: skip
         if self.owner.tracked is not None:
             # The nodes came from the client's slot map, which may be out of date.
@@ -254,7 +264,13 @@ class _NodeChannel:
             else:
                 await ctl.send_packed_command(ctl.pack_commands([("CLUSTER", "INFO"), beat]))
                 info = await ctl.read_response()
-                await ctl.read_response()
+                try:
+                    await ctl.read_response()
+                except (AskError, MovedError):
+                    # The beat's slot is moving or moved away (a reshard): beat in another
+                    # slot of this node's. The primaries are checked before it counts.
+                    await self.check_topology(retag=True)
+                    continue
                 epoch = _config_epoch(info)
                 if epoch != self.epoch or self.number % FULL_CHECK_BEATS == 0:
                     await self.check_topology()
@@ -270,15 +286,28 @@ class _NodeChannel:
             owner.near.advance(self.name, self.sent_at)
             await asyncio.sleep(owner.heartbeat_s)
 
-    async def check_topology(self) -> None:
+    async def check_topology(self, retag: bool = False) -> None:
         """Fail the session unless the primaries serving slots, as this node sees them, are
-        the nodes it tracks (a failover, a node added, a node emptied)."""
+        the nodes it tracks (a failover, a node added, a node emptied). ``retag``: beat from
+        now on in this node's highest slot (redis-cli moves a node's lowest slots first)."""
         assert self.ctl is not None
         assert self.owner.tracked is not None
-        slots = await self._call(self.ctl, "CLUSTER", "SLOTS")
-        seen = {f"{r[2][0].decode()}:{r[2][1]}" for r in slots}
+        ranges = await self._call(self.ctl, "CLUSTER", "SLOTS")
+        seen = {f"{r[2][0].decode()}:{r[2][1]}" for r in ranges}
         if seen != self.owner.tracked:
             raise ChannelBroken(f"topology: primaries now {sorted(seen)}")
+        if retag:
+            self.avoid.add(self.slot)
+            mine = (
+                slot
+                for r in ranges
+                if f"{r[2][0].decode()}:{r[2][1]}" == self.name
+                for slot in range(int(r[0]), int(r[1]) + 1)
+            )
+            slot = max((m for m in mine if m not in self.avoid), default=None)
+            if slot is None:
+                raise ChannelBroken(f"topology: {self.name} has no slot to beat in")
+            self.tag(slot)
 
 
 def _config_epoch(info: bytes) -> bytes:

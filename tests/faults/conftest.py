@@ -1,5 +1,7 @@
-"""Fixtures of the fault tests: private servers a test may kill, pause or restart, invalidator
-processes, an in-process service with per-test settings, and a bounded asyncio read load.
+"""Fixtures of the fault tests: private servers a test may kill, pause or restart (one
+PostgreSQL, a 6-node Redis Cluster per module), invalidator processes, an in-process service
+with per-test settings, a bounded asyncio read load and a bounded load of any step, and the
+signals that the outbox and the consumer group have drained.
 
 Every load is bounded in time and concurrency and talks to loopback only. Faults are lined up
 with the system's own signals (metrics, pending lists, health), never with sleeps; the only
@@ -13,25 +15,35 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import psycopg
 import pytest
+import sqlalchemy as sa
 from grpc import aio
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.db import libpq_url
+from core.keys import Keys
+from core.outbox import outbox
+from core.redisclient import RedisClient
 from core.settings import Settings
 from devtools.localservers import PostgresCluster, postgres_dir
+from devtools.rediscluster import RedisCluster
 from devtools.serverprocess import settings_env
 from service.app import Service, start
 from tests.conftest import SEED_PRODUCTS
+from tests.helpers import make_settings
+from tests.invalidator.conftest import group_info
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT_IDS = [f"p{n:07d}" for n in range(1, SEED_PRODUCTS + 1)]
@@ -53,6 +65,27 @@ def pg_cluster() -> Iterator[PostgresCluster]:
             yield cluster
         finally:
             cluster.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster6(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster of 3 primaries with a replica each, shared by a module's tests (each
+    leaves it whole: a killed node is restarted, as a replica)."""
+    with RedisCluster(tmp_path_factory.mktemp("cluster6"), primaries=3, replicas=1) as c:
+        yield c
+
+
+def settings_on(cluster: RedisCluster, database_url: str, namespace: str = "") -> Settings:
+    """Settings on ``cluster`` (through its first primary), writes WAITed for one replica."""
+    return make_settings(
+        database_url=database_url,
+        redis_url=f"redis://127.0.0.1:{cluster.primaries()[0]}/0",
+        redis_mode="cluster",
+        key_namespace=namespace or f"t{uuid.uuid4().hex[:10]}",
+        redis_wait_replicas=1,
+        redis_wait_timeout_ms=500,
+        metrics_port=0,
+    )
 
 
 async def start_service(settings: Settings, **overrides: Any) -> Service:
@@ -119,16 +152,21 @@ def invalidators(settings: Settings) -> Iterator[Invalidators]:
 
 @dataclass
 class Outcome:
-    """One call of the load: when it started, how long it took, its status code."""
+    """One call of the load: when it started, how long it took, its status code, and the
+    (product id, version) of every product it returned."""
 
     started: float
     seconds: float
     code: grpc.StatusCode
+    versions: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
 class ReadLoad:
-    """``workers`` asyncio clients calling GetProduct (Zipf-distributed ids) back to back.
+    """``workers`` asyncio clients calling GetProduct (Zipf-distributed ids) back to back; of
+    every 100 calls, ``lists`` are ListProducts (20 products, a category of ``list_filters``
+    or "" for none) and ``batches`` BatchGetProducts (10 ids). Ids are drawn from ``draws``
+    (e.g. :func:`devtools.workload.zipf_draws`), else Zipf(``zipf_s``) by rank in id order.
 
     Bounded: it stops at ``stop()`` or after ``max_seconds``, whichever comes first."""
 
@@ -137,6 +175,10 @@ class ReadLoad:
     workers: int = 8
     max_seconds: float = 120.0
     zipf_s: float = 1.1
+    lists: int = 0
+    batches: int = 0
+    draws: Sequence[str] = ()
+    list_filters: Sequence[str] = ("",)
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -170,20 +212,91 @@ class ReadLoad:
 
             async def worker(seed: int) -> None:
                 rand = random.Random(seed)
+
+                def pick() -> str:
+                    if self.draws:
+                        return self.draws[rand.randrange(len(self.draws))]
+                    return rand.choices(PRODUCT_IDS, weights)[0]
+
                 while not self._stop.is_set() and time.monotonic() < end:
-                    pid = rand.choices(PRODUCT_IDS, weights)[0]
+                    kind = rand.randrange(100)
                     started = time.monotonic()
                     try:
-                        reply = await stub.GetProduct(
-                            pb.GetProductRequest(id=pid), timeout=self.deadline_s
-                        )
-                        assert reply.id == pid
+                        if kind < self.lists:
+                            got = await self._list(stub, rand.choice(self.list_filters))
+                        elif kind < self.lists + self.batches:
+                            got = await self._batch(stub, [pick() for _ in range(10)])
+                        else:
+                            got = await self._get(stub, pick())
                         code = grpc.StatusCode.OK
                     except aio.AioRpcError as exc:
-                        code = exc.code()
-                    self.outcomes.append(Outcome(started, time.monotonic() - started, code))
+                        got, code = (), exc.code()
+                    self.outcomes.append(Outcome(started, time.monotonic() - started, code, got))
 
             await asyncio.gather(*(worker(n) for n in range(self.workers)))
+
+    async def _get(self, stub: Any, pid: str) -> tuple[tuple[str, int], ...]:
+        reply = await stub.GetProduct(pb.GetProductRequest(id=pid), timeout=self.deadline_s)
+        assert reply.id == pid
+        return ((reply.id, reply.version),)
+
+    async def _list(self, stub: Any, category_id: str) -> tuple[tuple[str, int], ...]:
+        request = pb.ListProductsRequest(page_size=20, category_id=category_id)
+        reply = await stub.ListProducts(request, timeout=self.deadline_s)
+        assert reply.products
+        return tuple((p.id, p.version) for p in reply.products)
+
+    async def _batch(self, stub: Any, ids: list[str]) -> tuple[tuple[str, int], ...]:
+        request = pb.BatchGetProductsRequest(ids=ids)
+        reply = await stub.BatchGetProducts(request, timeout=self.deadline_s)
+        assert [r.product.id for r in reply.results] == ids
+        return tuple((r.product.id, r.product.version) for r in reply.results)
+
+
+@dataclass
+class Load:
+    """``step`` called back to back until stopped; every exception it raises is kept."""
+
+    step: Callable[[int], Awaitable[None]]
+    done: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> Load:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while not self._stop.is_set() and self.done < 100_000:
+            try:
+                await self.step(self.done)
+            except Exception as exc:
+                self.errors.append(exc)
+                await asyncio.sleep(0.01)
+            else:
+                self.done += 1
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+
+async def unsent(db: AsyncEngine) -> int:
+    """Outbox rows not yet published."""
+    async with db.connect() as conn:
+        query = sa.select(sa.func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+        return int(await conn.scalar(query) or 0)
+
+
+async def drained(redis: RedisClient, keys: Keys) -> bool:
+    """Nothing pending, and the group delivered the stream's last entry. (Not XINFO's ``lag``:
+    after a failover the promoted node's count of entries read can stay off for good.)"""
+    info = await group_info(cast(Redis, redis), keys)
+    last = (await redis.xinfo_stream(keys.stream))["last-generated-id"]
+    return bool(info["pending"] == 0 and info["last-delivered-id"] == last)
 
 
 async def wait_until(
