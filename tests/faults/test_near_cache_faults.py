@@ -4,12 +4,13 @@ The bound (issue 14): an L1 hit is never older than a change Redis made more tha
 ``CATALOG_NEAR_CACHE_MAX_STALENESS_MS`` (50 ms, the default) before the read began.
 
 How it is checked: a service runs in this process with the near cache on; Zipf-distributed
-GetProduct calls (devtools.workload.zipf_draws) record the version each reply carries, with the
-call's start and end; a writer process (tests/faults/near_writer.py) changes the same hot
-products and records each change once *Redis has it*, on the machine's monotonic clock. Every
-test then runs the history checker (devtools/history.py): a read that returned version ``v``
-is stale by ``read start - the earliest acknowledgement of a version above v``, and the worst
-such figure must be at most X.
+reads (devtools.workload.zipf_draws; GetProduct, with some BatchGetProducts and ListProducts,
+which read product entries through the near cache too) record the version of every product
+each reply carries, with the call's start and end; writer processes
+(tests/faults/near_writer.py) change the same hot products and record each change once *Redis
+has it*, on the machine's monotonic clock. Every test then runs the history checker
+(devtools/history.py): a read that returned version ``v`` is stale by ``read start - the
+earliest acknowledgement of a version above v``, and the worst such figure must be at most X.
 
 What "committed" means here: the writer does what UpdateProduct does (the plain SQL UPDATE of
 devtools.workload.update_plain, then the write-through into Redis under a forcing lease) and
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import signal
 import subprocess
@@ -42,7 +42,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,9 +63,16 @@ from devtools.rediscluster import RedisCluster
 from devtools.serverprocess import settings_env
 from devtools.workload import zipf_draws
 from service.app import Service, start
-from tests.faults.conftest import PRODUCT_IDS, ROOT, Invalidators, pause_process, wait_until
+from tests.faults.conftest import (
+    PRODUCT_IDS,
+    ROOT,
+    Invalidators,
+    ReadLoad,
+    pause_process,
+    settings_on,
+    wait_until,
+)
 from tests.faults.near_writer import SEED, ZIPF_S, Writer
-from tests.faults.test_cluster_faults import settings_on
 from tests.helpers import metric
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -76,6 +83,11 @@ X_S = X_MS / 1000
 WRITE_RATE = 1000.0
 WRITER_PROCESSES = 2
 DEADLINE_S = 2.0
+#: Of every 100 reads, this many are BatchGetProducts (10 ids) and ListProducts (20 products).
+BATCHES = 10
+LISTS = 5
+#: The longest a read load may run (a bound; each test stops it).
+LOAD_MAX_S = 300.0
 #: Seconds of the fault-free run.
 RUN_S = 10.0
 #: Fault lengths.
@@ -93,6 +105,12 @@ def near(result: str) -> float:
     return metric("catalog_near_cache_requests_total", result=result)
 
 
+def hottest(n: int) -> list[str]:
+    """The ``n`` products the load reads (and changes) most."""
+    draws = zipf_draws(PRODUCT_IDS, 20_000, s=ZIPF_S, seed=SEED)
+    return [pid for pid, _ in Counter(draws).most_common(n)]
+
+
 def resets() -> float:
     """Times the channel's session ended (``catalog_near_cache_resets_total``, every reason
     but a flush, which empties the table without ending the session)."""
@@ -106,26 +124,26 @@ def resets() -> float:
 
 
 @dataclass
-class Load:
-    """Zipf GetProduct calls (``readers`` clients back to back, in this process) and Zipf
-    updates of the same hot products (tests/faults/near_writer.py: WRITER_PROCESSES processes of
-    ``writers`` clients each, paced to ``rate`` per second in all), until stopped."""
+class Workload:
+    """Zipf reads (tests/faults/conftest.py ReadLoad: ``readers`` clients in this process,
+    mostly GetProduct, some BatchGetProducts and ListProducts, every returned version kept) and
+    Zipf updates of the same hot products (tests/faults/near_writer.py: WRITER_PROCESSES
+    processes of ``writers`` clients each, paced to ``rate`` per second in all), until stopped.
+    A test may add changes of its own to ``written``."""
 
     target: str
     writer_settings: Settings
     out: Path
     mode: str = "redis"
-    history: History = field(default_factory=History)
     readers: int = 6
     writers: int = 16
     rate: float = WRITE_RATE
-    failed_reads: int = 0
+    written: History = field(default_factory=History)
     unacknowledged: int = 0
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task[None] | None = None
+    reads: ReadLoad | None = None
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self) -> Load:
+    def start(self) -> Workload:
         for part in range(WRITER_PROCESSES):
             self._procs.append(subprocess.Popen(
                 [sys.executable, "-m", "tests.faults.near_writer", f"{self.out}.{part}",
@@ -133,18 +151,34 @@ class Load:
                  str(WRITER_PROCESSES)],
                 env=settings_env(self.writer_settings), cwd=ROOT,
             ))  # fmt: skip
-        self._task = asyncio.create_task(self._run())
+        self.reads = ReadLoad(
+            self.target, DEADLINE_S, workers=self.readers, max_seconds=LOAD_MAX_S,
+            batches=BATCHES, lists=LISTS, draws=zipf_draws(PRODUCT_IDS, 20_000, ZIPF_S, SEED),
+        ).start()  # fmt: skip
         return self
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self.reads is not None and self.reads.running
+
+    @property
+    def history(self) -> History:
+        """Every read so far, and every change acknowledged (the writer processes' once
+        stopped)."""
+        history = History(writes=list(self.written.writes))
+        for o in self.reads.outcomes if self.reads else ():
+            for product_id, version in o.versions:
+                history.read(product_id, version, o.started, o.started + o.seconds)
+        return history
+
+    @property
+    def failed_reads(self) -> int:
+        return sum(1 for o in self.reads.outcomes if o.code.name != "OK") if self.reads else 0
 
     async def stop(self) -> History:
-        """Stop reading and writing; the history, the writer's changes included."""
-        self._stop.set()
-        assert self._task is not None
-        await self._task
+        """Stop reading and writing; the history, the writer processes' changes included."""
+        assert self.reads is not None
+        await self.reads.stop()
         for proc in self._procs:
             proc.send_signal(signal.SIGTERM)
         for part, proc in enumerate(self._procs):
@@ -155,47 +189,26 @@ class Load:
                 if isinstance(record, dict):
                     self.unacknowledged += record["unacknowledged"]
                 else:
-                    self.history.write(*record)
+                    self.written.write(*record)
         return self.history
 
     async def abort(self) -> None:
         """Stop without collecting anything (teardown; a no-op after :meth:`stop`)."""
-        self._stop.set()
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self.running:
+            assert self.reads is not None
+            await self.reads.stop()
 
     def writes_between(self, start: float, end: float) -> int:
-        return sum(1 for w in self.history.writes if start <= w.committed <= end)
+        return sum(1 for w in self.written.writes if start <= w.committed <= end)
 
     @property
     def write_rate(self) -> float:
-        times = sorted(w.committed for w in self.history.writes)
+        times = sorted(w.committed for w in self.written.writes)
         return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-
-    async def _run(self) -> None:
-        draws = zipf_draws(PRODUCT_IDS, 20_000, s=ZIPF_S, seed=SEED)
-        step = len(draws) // self.readers
-        async with aio.insecure_channel(self.target) as channel:
-            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
-            await asyncio.gather(*(self._reads(stub, draws, n * step) for n in range(self.readers)))
-
-    async def _reads(self, stub: Any, draws: list[str], offset: int) -> None:
-        for product_id in itertools.islice(itertools.cycle(draws), offset, None):
-            if self._stop.is_set():
-                return
-            started = time.monotonic()
-            try:
-                reply = await stub.GetProduct(
-                    pb.GetProductRequest(id=product_id), timeout=DEADLINE_S
-                )
-            except aio.AioRpcError:
-                self.failed_reads += 1
-                continue
-            self.history.read(product_id, reply.version, started, time.monotonic())
 
 
 @dataclass
@@ -215,7 +228,7 @@ class Report:
         print(f"\n{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.figures.items()))
 
 
-def check(load: Load, report: Report) -> None:
+def check(load: Workload, report: Report) -> None:
     """The history checker's verdict on the run: worst staleness at most X."""
     history = load.history
     worst = history.worst()
@@ -248,11 +261,13 @@ def near_settings(settings: Settings, database_url: str, redis_url: str) -> Sett
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings, out: Path, writer_settings: Settings | None = None, mode: str = "redis"
-) -> AsyncIterator[tuple[Service, Load]]:
+) -> AsyncIterator[tuple[Service, Workload]]:
     """The service with the near cache on, and the load against it, once L1 serves (hits);
     the writer talks to ``writer_settings``' Redis (default: the service's)."""
     svc = await start(settings.replace(grpc_address="127.0.0.1:0"))
-    load = Load(f"127.0.0.1:{svc.port}", writer_settings or settings, out / "writes.jsonl", mode)
+    load = Workload(
+        f"127.0.0.1:{svc.port}", writer_settings or settings, out / "writes.jsonl", mode
+    )
     try:
         assert svc.tracking is not None
         hits = near("hit")
@@ -276,7 +291,7 @@ async def recovered(svc: Service, since: float) -> float:
     return time.monotonic() - since
 
 
-async def settle(load: Load, seconds: float = 1.0) -> None:
+async def settle(load: Workload, seconds: float = 1.0) -> None:
     """Let the load run on after recovery (reads that might see a missed change), then stop."""
     await asyncio.sleep(seconds)
     await load.stop()
@@ -327,7 +342,7 @@ async def test_staleness_through_the_invalidator_is_reported(
         async with running(cfg, tmp_path, mode="commit") as (_, load):
             await asyncio.sleep(RUN_S / 2)
             await load.stop()
-            last = {w.key: w.version for w in load.history.writes}
+            last = {w.key: w.version for w in load.written.writes}
             newest: dict[str, int] = {}
             async with aio.insecure_channel(load.target) as channel:
                 stub = catalog_pb2_grpc.CatalogServiceStub(channel)
@@ -575,15 +590,13 @@ async def test_the_checker_sees_a_near_cache_that_outlives_its_bound(
         near_cache_max_staleness_ms=LOOSE_MS
     )
     direct = cfg.replace(redis_url=private_redis.url)
-    draws = zipf_draws(PRODUCT_IDS, 20_000, s=ZIPF_S, seed=SEED)
-    hottest = [pid for pid, _ in Counter(draws).most_common(10)]
     writer = Writer(direct, through_redis=True)
     try:
         async with running(cfg, tmp_path, direct) as (_, load):
             hits = near("hit")
             proxy.flowing.clear()
-            for pid in hottest:
-                await writer.write(pid, load.history)
+            for pid in hottest(10):
+                await writer.write(pid, load.written)
             stale_s = await wait_until(
                 lambda: load.history.worst_staleness() > X_S, RECOVER_S, "a read staler than X"
             )
@@ -646,21 +659,17 @@ async def test_redis_restarted_empty_and_flushed(
     report.emit(record_property)
 
 
-@pytest.fixture
-def cluster6(tmp_path: Path) -> Iterator[RedisCluster]:
-    with RedisCluster(tmp_path / "cluster", primaries=3, replicas=1) as cluster:
-        yield cluster
-
-
 async def test_cluster_failover(
     fresh_database_url: str,
     cluster6: RedisCluster,
     tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    """A primary of a 6-node cluster killed: its replica takes over, the session on the old
-    set of primaries ends, tracking starts on the new one, hits resume. The writer WAITs for a
-    replica, so a recorded change survives the failover."""
+    """The primary of the hottest product on a 6-node cluster killed: its replica takes over,
+    the session on the old set of primaries ends, tracking starts on the new one, hits resume.
+    The writers WAIT for a replica, so a recorded change survives the failover; the killed
+    node then comes back as the new primary's replica, so changes on the promoted node are
+    acknowledged (and checked) again."""
     report = Report("cluster failover")
     cfg = settings_on(cluster6, fresh_database_url, f"t{uuid.uuid4().hex[:10]}").replace(
         near_cache_enabled=True, near_cache_max_staleness_ms=X_MS
@@ -668,14 +677,23 @@ async def test_cluster_failover(
     async with running(cfg, tmp_path) as (svc, load):
         assert svc.tracking is not None
         sessions, before = svc.tracking.sessions, resets()
-        hottest = zipf_draws(PRODUCT_IDS, 1, s=ZIPF_S, seed=SEED)[0]
-        slot = key_slot(Keys(cfg.key_namespace).product(hottest).encode())
-        victim = cluster6.owner(slot)
+        keys = Keys(cfg.key_namespace)
+        victim = cluster6.owner(key_slot(keys.product(hottest(1)[0]).encode()))
         killed_at = time.monotonic()
         promoted = await asyncio.to_thread(cluster6.fail_over, victim)
         report.add(failover_s=time.monotonic() - killed_at, promoted=promoted)
         report.add(failover_recover_s=await recovered(svc, killed_at))
         assert svc.tracking.sessions > sessions and resets() > before
-        await settle(load)
+        await asyncio.to_thread(cluster6.restart, victim)
+        rejoined_at = time.monotonic()
+        await settle(load, 2.0)
+    on_promoted = set(cluster6.slots_of(promoted))
+    checked = sum(
+        1
+        for w in load.written.writes
+        if w.committed > rejoined_at and key_slot(keys.product(w.key).encode()) in on_promoted
+    )
+    report.add(acknowledged_on_promoted_after_rejoin=checked)
+    assert checked > 0, "no change on the promoted primary was checked"
     check(load, report)
     report.emit(record_property)
