@@ -323,6 +323,30 @@ async def test_worst_staleness_under_zipf_reads_and_fast_updates_is_within_the_b
     assert served > 0
 
 
+async def test_worst_staleness_at_a_thousand_changes_per_second_is_within_the_bound(
+    settings: Settings,
+    fresh_database_url: str,
+    private_redis: RedisProcess,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The same Zipf reads while the writers change the hot products' cached entries in Redis
+    directly (near_writer's ``entry`` mode: compare-and-set of the next version, no database
+    write), aimed at 1k changes/s, the rate the updates through PostgreSQL cannot reach on this
+    machine: the near cache follows 1k changes/s within X."""
+    report = Report("zipf run, 1k entry changes/s")
+    cfg = near_settings(settings, fresh_database_url, private_redis.url)
+    async with running(cfg, tmp_path, mode="entry") as (_, load):
+        hits = near("hit")
+        await asyncio.sleep(RUN_S)  # the load's length
+        await load.stop()
+        served = near("hit") - hits
+    check(load, report)
+    report.emit(record_property)
+    assert served > 0
+    assert load.write_rate > 0
+
+
 async def test_staleness_through_the_invalidator_is_reported(
     settings: Settings,
     fresh_database_url: str,
@@ -590,7 +614,7 @@ async def test_the_checker_sees_a_near_cache_that_outlives_its_bound(
         near_cache_max_staleness_ms=LOOSE_MS
     )
     direct = cfg.replace(redis_url=private_redis.url)
-    writer = Writer(direct, through_redis=True)
+    writer = Writer(direct, "redis")
     try:
         async with running(cfg, tmp_path, direct) as (_, load):
             hits = near("hit")
