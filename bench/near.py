@@ -132,6 +132,14 @@ def hit_rows(env: BenchEnv, timing: Timing, idle_s: float) -> list[Row]:
     finally:
         redis.close()
 
+    # Each run's ratios, as they come: the medians hide how far the pairs scatter.
+    print(
+        f"  L1 hit / floor (b): RPS {hit['rps'] / floor['rps']:.2f}, CPU per call "
+        f"{hit['server_cpu_s_per_1k'] / floor['server_cpu_s_per_1k']:.2f} (at "
+        f"{FIXED_RATE:,.0f} req/s: "
+        f"{hit_fixed['server_cpu_s_per_1k'] / floor_fixed['server_cpu_s_per_1k']:.2f})",
+        flush=True,
+    )
     rows = standard_rows(FLOOR, floor)
     rows += targeted(
         standard_rows(L1_HIT, hit, floor), {"RPS": ">= 0.85", "server CPU per 1k req": "<= 1.15"}
