@@ -7,7 +7,7 @@ this run only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -74,15 +74,28 @@ def warm(target: str) -> None:
             stub.ListProducts(pb.ListProductsRequest(page_size=20, category_id=c))
 
 
+#: Requests Redis has been sent so far, not counting those of the count itself.
+RequestCount = Callable[[], int]
+
+
+def reads_processed(redis: Redis | RedisCluster) -> RequestCount:
+    """Requests one Redis server has read (``total_reads_processed``: a Lua script counts once,
+    ``INFO commandstats`` would count the commands inside it), less this count's own INFOs."""
+    infos = 0
+
+    def count() -> int:
+        nonlocal infos
+        infos += 1
+        return int(redis.info("stats")["total_reads_processed"]) - infos
+
+    return count
+
+
 def load(
-    proc: ServerProcess,
-    method: str,
-    requests: list[bytes],
-    timing: Timing,
-    redis: Redis | RedisCluster,
+    proc: ServerProcess, method: str, requests: list[bytes], timing: Timing, count: RequestCount
 ) -> dict[str, Any]:
-    """One closed-loop run; adds Redis commands per call (all calls, warm-up included)."""
-    before = int(redis.info("stats")["total_reads_processed"])
+    """One closed-loop run; adds Redis requests per call (all calls, warm-up included)."""
+    before = count()
     result = run_process(
         Spec(
             [proc.target],
@@ -94,12 +107,13 @@ def load(
             proc.pids,
         )
     )
-    after = int(redis.info("stats")["total_reads_processed"]) - 1  # our own INFO
-    result["redis_per_call"] = (after - before) / max(1, result["total"])
+    result["redis_per_call"] = (count() - before) / max(1, result["total"])
     return result
 
 
-def _rows(scenario: str, r: dict[str, Any], base: dict[str, Any] | None = None) -> list[Row]:
+def standard_rows(
+    scenario: str, r: dict[str, Any], base: dict[str, Any] | None = None
+) -> list[Row]:
     """The standard figures of one run, as ratios of ``base`` when given."""
     figures = [
         ("RPS", "rps", "req/s"),
@@ -120,7 +134,7 @@ def _rows(scenario: str, r: dict[str, Any], base: dict[str, Any] | None = None) 
     return rows
 
 
-def _targeted(rows: list[Row], targets: dict[str, str]) -> list[Row]:
+def targeted(rows: list[Row], targets: dict[str, str]) -> list[Row]:
     return [Row(**{**r.__dict__, "target": targets.get(r.figure, "")}) for r in rows]
 
 
@@ -129,16 +143,17 @@ def run(env: BenchEnv, timing: Timing) -> list[Row]:
     key = Keys(cached_settings.key_namespace).product(HOT_IDS[0])
     assert env.redis is not None
     redis = connect_sync(cached_settings, socket_timeout=30)
+    count = reads_processed(redis)
     rows: list[Row] = []
     try:
         with server(cached_settings) as cached:
             warm(cached.target)
             with server(cached_settings, "-m", "bench.floor_server", "redis", key) as floor:
-                fl = load(floor, "GetProduct", get_requests(), timing, redis)
+                fl = load(floor, "GetProduct", get_requests(), timing, count)
             with server(cached_settings, "-m", "bench.floor_server", "echo", key) as echo:
-                ec = load(echo, "GetProduct", get_requests(), timing, redis)
+                ec = load(echo, "GetProduct", get_requests(), timing, count)
             hit = {
-                m: load(cached, m, reqs, timing, redis)
+                m: load(cached, m, reqs, timing, count)
                 for m, reqs in (
                     ("GetProduct", get_requests()),
                     ("ListProducts", list_requests()),
@@ -147,7 +162,7 @@ def run(env: BenchEnv, timing: Timing) -> list[Row]:
             }
         with server(env.settings(cache_enabled=False)) as uncached:
             cold = {
-                m: load(uncached, m, reqs, timing, redis)
+                m: load(uncached, m, reqs, timing, count)
                 for m, reqs in (
                     ("GetProduct", get_requests()),
                     ("ListProducts", list_requests()),
@@ -155,23 +170,23 @@ def run(env: BenchEnv, timing: Timing) -> list[Row]:
                 )
             }
         with server(cached_settings.replace(workers=2)) as two:
-            w2 = load(two, "GetProduct", get_requests(), timing, redis)
+            w2 = load(two, "GetProduct", get_requests(), timing, count)
     finally:
         redis.close()
 
-    rows += _rows("(a) floor: bare gRPC + 1 Redis GET", fl)
-    rows += _rows("(b) bare gRPC echo, no Redis", ec)
-    rows += _targeted(
-        _rows("GetProduct hit vs floor (a)", hit["GetProduct"], fl),
+    rows += standard_rows("(a) floor: bare gRPC + 1 Redis GET", fl)
+    rows += standard_rows("(b) bare gRPC echo, no Redis", ec)
+    rows += targeted(
+        standard_rows("GetProduct hit vs floor (a)", hit["GetProduct"], fl),
         {"RPS": ">= 0.9", "p50": "<= 1.15"},
     )
     rows.append(Row("GetProduct hit", "Redis requests per call", hit["GetProduct"]["redis_per_call"], "", target="<= 1.02"))  # fmt: skip  # noqa: E501
     for method in ("ListProducts", "BatchGetProducts"):
         label = {"ListProducts": "ListProducts page of 20", "BatchGetProducts": "BatchGetProducts of 50"}[method]  # fmt: skip  # noqa: E501
-        rows += _rows(f"{label} uncached", cold[method])
-        rows += _targeted(_rows(f"{label} hit vs uncached", hit[method], cold[method]), {"RPS": ">= 3"})  # fmt: skip  # noqa: E501
+        rows += standard_rows(f"{label} uncached", cold[method])
+        rows += targeted(standard_rows(f"{label} hit vs uncached", hit[method], cold[method]), {"RPS": ">= 3"})  # fmt: skip  # noqa: E501
         rows.append(Row(f"{label} hit", "Redis requests per call", hit[method]["redis_per_call"], "", target="<= 1.02"))  # fmt: skip  # noqa: E501
-    rows += _rows("GetProduct uncached", cold["GetProduct"])
+    rows += standard_rows("GetProduct uncached", cold["GetProduct"])
     rows.append(Row.vs("GetProduct hit, 2 workers vs 1", "RPS", w2["rps"], "req/s", hit["GetProduct"]["rps"]))  # fmt: skip  # noqa: E501
     rows.append(Row.vs("GetProduct hit, 2 workers vs 1", "server CPU per 1k req", w2["server_cpu_s_per_1k"], "s", hit["GetProduct"]["server_cpu_s_per_1k"]))  # fmt: skip  # noqa: E501
     rows.append(Row("GetProduct hit, 2 workers vs 1", "load generator CPU", w2["client_cores"], "cores"))  # fmt: skip  # noqa: E501
