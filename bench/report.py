@@ -145,7 +145,7 @@ def write(
     md_path.write_text(
         f"# Benchmarks\n\n{notes}\n\n## Latest results\n\n"
         "Each group's figures are from the latest run that included it "
-        "(`python -m bench --only GROUP` rewrites that group's only).\n\n"
+        "(`python -m bench --only GROUP` rewrites only the figures of the groups it ran).\n\n"
         + "\n\n".join(sections)
         + "\n"
     )
