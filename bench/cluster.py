@@ -1,10 +1,13 @@
 """Redis Cluster: the read hits and the invalidation on a private 3-primary cluster, with one
 Redis as the baseline in the same run.
 
-* GetProduct hit on the cluster against the same load on one Redis, one after the other (both
-  servers started and warmed first; an idle one costs nothing measurable). Redis requests per
+* GetProduct hit on the cluster against the same load on one Redis, in turn three times each
+  (:func:`bench.rpc.alternating`; both servers started and warmed first, an idle one costs
+  nothing measurable). Redis requests per
   call are counted by the cluster itself: ``INFO commandstats`` summed over every node, data
   commands only (not the INFO that counts, nor what a client sends to learn the slot map).
+  Redirections (``MOVED``/``ASK`` replies, ``INFO errorstats``) over both hit loads show whether
+  every command went to the right node the first time.
 * ListProducts page of 20 hit, the same way. A hit is one GET of the page and one MGET per hash
   slot of its products (redis-py's non-atomic cluster MGET), so the bound of a page is 1 + the
   slots its products' keys span, computed here from the pages' real keys. Compared exactly on
@@ -16,6 +19,8 @@ Redis as the baseline in the same run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from redis.crc import key_slot
 
@@ -26,9 +31,9 @@ from bench.rpc import (
     CATEGORIES,
     RequestCount,
     Timing,
+    alternating,
     get_requests,
     list_requests,
-    load,
     reads_processed,
     server,
     standard_rows,
@@ -39,6 +44,7 @@ from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
 from core.keys import Keys
 from core.redisclient import connect_sync
+from devtools.localservers import RedisProcess
 from devtools.rediscluster import NOT_DATA, RedisCluster
 
 GET = "GetProduct hit (cluster vs one Redis)"
@@ -53,6 +59,10 @@ def data_commands(cluster: RedisCluster) -> RequestCount:
         return sum(n for name, n in calls.items() if name.split("|")[0] not in NOT_DATA)
 
     return count
+
+
+def pids(servers: Sequence[RedisProcess | None]) -> tuple[int, ...]:
+    return tuple(s.proc.pid for s in servers if s is not None and s.proc is not None)
 
 
 def page_pass(target: str, keys: Keys, count: RequestCount) -> tuple[int, list[int]]:
@@ -82,10 +92,14 @@ def run(env: BenchEnv, timing: Timing, seconds: float, backlog: int) -> list[Row
             warm(clustered.target)
             keys = Keys(cluster_settings.key_namespace)
             cost, spans = page_pass(clustered.target, keys, on_cluster)
-            get1 = load(single, "GetProduct", get_requests(), timing, on_one)
-            getc = load(clustered, "GetProduct", get_requests(), timing, on_cluster)
-            list1 = load(single, "ListProducts", list_requests(), timing, on_one)
-            listc = load(clustered, "ListProducts", list_requests(), timing, on_cluster)
+            errors = env.cluster.errorstats()
+            both = [
+                (single, on_one, pids([env.redis])),
+                (clustered, on_cluster, pids(env.cluster.nodes)),
+            ]
+            get1, getc = alternating(both, "GetProduct", get_requests(), timing)
+            list1, listc = alternating(both, "ListProducts", list_requests(), timing)
+            errors = env.cluster.errorstats() - errors
     finally:
         one.close()
 
@@ -93,7 +107,10 @@ def run(env: BenchEnv, timing: Timing, seconds: float, backlog: int) -> list[Row
     rows = standard_rows("GetProduct hit, one Redis", get1)
     rows += targeted(standard_rows(GET, getc, get1), {"RPS": ">= 0.9"})
     rows.append(Row(GET, "Redis requests per call", getc["redis_per_call"], "", target="== 1"))
+    rows.append(Row.vs(GET, "Redis CPU per 1k req (every node)", getc["redis_cpu_s_per_1k"], "s", get1["redis_cpu_s_per_1k"]))  # fmt: skip  # noqa: E501
+    rows.append(Row(GET, "MOVED or ASK replies, both hit loads", errors["MOVED"] + errors["ASK"], "replies", target="== 0"))  # fmt: skip  # noqa: E501
     rows += standard_rows(LIST, listc, list1)
+    rows.append(Row.vs(LIST, "Redis CPU per 1k req (every node)", listc["redis_cpu_s_per_1k"], "s", list1["redis_cpu_s_per_1k"]))  # fmt: skip  # noqa: E501
     rows.append(Row(LIST, "Redis requests per call, under the load", listc["redis_per_call"], ""))  # fmt: skip  # noqa: E501
     pages = f"one pass over the {len(spans)} pages"
     rows.append(Row(LIST, f"Redis requests, {pages}", cost, "requests", target=f"<= {bound}"))  # fmt: skip  # noqa: E501

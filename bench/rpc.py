@@ -17,6 +17,7 @@ from redis import Redis, RedisCluster
 
 from bench.environment import BenchEnv
 from bench.loadgen import Spec, run_process
+from bench.measure import cpu_seconds, merge
 from bench.report import Row
 from catalog.v1 import catalog_pb2 as pb
 from catalog.v1 import catalog_pb2_grpc
@@ -92,10 +93,19 @@ def reads_processed(redis: Redis | RedisCluster) -> RequestCount:
 
 
 def load(
-    proc: ServerProcess, method: str, requests: list[bytes], timing: Timing, count: RequestCount
+    proc: ServerProcess,
+    method: str,
+    requests: list[bytes],
+    timing: Timing,
+    count: RequestCount,
+    latencies: bool = False,
+    redis_pids: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """One closed-loop run; adds Redis requests per call (all calls, warm-up included)."""
+    """One closed-loop run; adds Redis requests per call (all calls, warm-up included), and
+    with ``latencies`` every measured latency (for :func:`bench.measure.merge`), and the CPU
+    seconds ``redis_pids`` used (warm-up included)."""
     before = count()
+    redis_cpu = cpu_seconds(list(redis_pids))
     result = run_process(
         Spec(
             [proc.target],
@@ -105,10 +115,38 @@ def load(
             timing.warmup_s,
             timing.duration_s,
             proc.pids,
+            latencies=latencies,
         )
     )
-    result["redis_per_call"] = (count() - before) / max(1, result["total"])
+    result["redis_cpu_s"] = cpu_seconds(list(redis_pids)) - redis_cpu
+    result["redis_requests"] = count() - before
+    result["redis_per_call"] = result["redis_requests"] / max(1, result["total"])
     return result
+
+
+def alternating(
+    servers: list[tuple[ServerProcess, RequestCount, tuple[int, ...]]],
+    method: str,
+    requests: list[bytes],
+    timing: Timing,
+    rounds: int = 3,
+) -> list[dict[str, Any]]:
+    """:func:`load` on each server (with its request count and Redis processes) in turn,
+    ``rounds`` times; per server, its windows merged, with Redis CPU per 1k calls.
+    Comparisons between servers then see the same changes of the machine's load (a shared
+    machine's other work comes and goes over seconds)."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in servers]
+    for _ in range(rounds):
+        for mine, (proc, count, pids) in zip(runs, servers, strict=True):
+            mine.append(load(proc, method, requests, timing, count, True, pids))
+    out = []
+    for mine in runs:
+        merged = merge(mine)
+        calls = max(1, merged["total"])
+        merged["redis_per_call"] = sum(r["redis_requests"] for r in mine) / calls
+        merged["redis_cpu_s_per_1k"] = sum(r["redis_cpu_s"] for r in mine) / calls * 1000
+        out.append(merged)
+    return out
 
 
 def standard_rows(

@@ -149,13 +149,21 @@ class RedisCluster:
     def commandstats(self) -> Counter[str]:
         """Calls per command (``INFO commandstats``, ``get``, ``mget``, ``evalsha``, ...) summed
         over every live node: what the cluster as a whole has been asked so far."""
-        calls: Counter[str] = Counter()
+        return self._info_sums("commandstats", "cmdstat_", "calls")
+
+    def errorstats(self) -> Counter[str]:
+        """Error replies per error code (``INFO errorstats``: ``MOVED``, ``ASK``, ...) summed over
+        every live node."""
+        return self._info_sums("errorstats", "errorstat_", "count")
+
+    def _info_sums(self, section: str, prefix: str, field: str) -> Counter[str]:
+        sums: Counter[str] = Counter()
         for node in self.alive():
             with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=30) as client:
-                stats = client.info("commandstats")
+                stats = client.info(section)
             for name, fields in stats.items():
-                calls[name.removeprefix("cmdstat_")] += int(fields["calls"])
-        return calls
+                sums[name.removeprefix(prefix)] += int(fields[field])
+        return sums
 
     def node(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)
