@@ -5,7 +5,7 @@ product's key is derived from the event's id, so no set indexes it). Redis keysp
 notifications report each entry's deletion to this process, which also timed the XADD, so
 "XADD -> key gone" is measured on one clock (on a cluster, each primary notifies of its own keys:
 this process subscribes on every one). Then a backlog is added at once and each invalidator's
-processed-events counter gives its rate.
+processed-events counter gives its rate; their CPU (/proc) over the drain gives the cost per event.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from bench.environment import BenchEnv
-from bench.measure import percentile
+from bench.measure import cpu_seconds, percentile
 from bench.report import Row
 from core.cache import entry
 from core.clusterclient import Cluster
@@ -37,9 +38,20 @@ PAYLOAD = b"x" * 700  # about a product's size
 MAXLEN = 1_000_000
 
 
+class Drained(NamedTuple):
+    rates: list[float]  # events/s of each invalidator
+    cpu_s_per_1k: float  # the invalidators' CPU per 1k events
+    publisher_cores: float  # this process's CPU: the XADDs, and polling the group until idle
+
+
+class Invalidator(NamedTuple):
+    port: int  # of its metrics
+    pid: int
+
+
 @contextmanager
-def invalidators(settings: Settings, n: int, relay: bool = False) -> Iterator[list[int]]:
-    """``n`` invalidator processes (relaying the outbox or not); yields their metrics ports."""
+def invalidators(settings: Settings, n: int, relay: bool = False) -> Iterator[list[Invalidator]]:
+    """``n`` invalidator processes (relaying the outbox or not), once they serve metrics."""
     ports = [free_port() for _ in range(n)]
     procs = [
         subprocess.Popen(
@@ -56,7 +68,7 @@ def invalidators(settings: Settings, n: int, relay: bool = False) -> Iterator[li
     try:
         for port in ports:
             wait_for_port(port, timeout=30)
-        yield ports
+        yield [Invalidator(port, proc.pid) for port, proc in zip(ports, procs, strict=True)]
     finally:
         for proc in procs:
             proc.terminate()
@@ -127,14 +139,16 @@ async def rate_phase(
 
 
 async def drain_phase(
-    redis: RedisClient, settings: Settings, ports: list[int], count: int
-) -> list[float]:
+    redis: RedisClient, settings: Settings, procs: list[Invalidator], count: int
+) -> Drained:
     """Add ``count`` events at once; each invalidator's events/s until the group is idle."""
+    ports = [p.port for p in procs]
     keys = Keys(settings.key_namespace)
     ids = [f"d{n:07d}" for n in range(count)]
     await cache(redis, keys, ids)
     publisher = Publisher(redis, keys, maxlen=MAXLEN)
     before = [scrape(p, "catalog_invalidator_events_total", outcome="processed") for p in ports]
+    cpu, own = cpu_seconds([p.pid for p in procs]), time.process_time()
     start = time.perf_counter()
     for k in range(0, count, 2000):
         await publisher.publish_many(
@@ -146,8 +160,10 @@ async def drain_phase(
             break
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - start
+    cpu, own = cpu_seconds([p.pid for p in procs]) - cpu, time.process_time() - own
     after = [scrape(p, "catalog_invalidator_events_total", outcome="processed") for p in ports]
-    return [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
+    rates = [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
+    return Drained(rates, cpu / count * 1000, own / elapsed)
 
 
 def run(
@@ -164,8 +180,9 @@ def run(
     rows: list[Row] = []
     for n in counts:
         settings = (settings_of or env.settings)()
-        with invalidators(settings, n) as ports:
-            lat, lost, rates = asyncio.run(_phases(settings, ports, rate, seconds, backlog))
+        with invalidators(settings, n) as procs:
+            lat, lost, drained = asyncio.run(_phases(settings, procs, rate, seconds, backlog))
+        rates = drained.rates
         scenario = f"{label}, {n} invalidator(s), {rate} events/s for {seconds:.0f} s"
         rows += [
             Row(scenario, "XADD -> key gone p50", percentile(lat, 0.5) * 1000, "ms"),
@@ -174,22 +191,23 @@ def run(
             Row(scenario, "max events/s per invalidator (backlog)", max(rates), "events/s",
                 target=">= 5000" if n == 1 else ""),
             Row(scenario, "events/s, all invalidators (backlog)", sum(rates), "events/s"),
+            Row(scenario, "invalidator CPU per 1k events (backlog)", drained.cpu_s_per_1k, "s"),
+            Row(scenario, "publisher CPU (backlog)", drained.publisher_cores, "cores"),
         ]  # fmt: skip
     return rows
 
 
 async def _phases(
-    settings: Settings, ports: list[int], rate: int, seconds: float, backlog: int
-) -> tuple[list[float], int, list[float]]:
+    settings: Settings, procs: list[Invalidator], rate: int, seconds: float, backlog: int
+) -> tuple[list[float], int, Drained]:
     assert settings.redis_url
     redis = connect(settings, socket_timeout=30)
     try:
         for server in await servers(redis):
             await server.config_set("notify-keyspace-events", "Eg")
-        await wait_ready(redis, Keys(settings.key_namespace), len(ports))
+        await wait_ready(redis, Keys(settings.key_namespace), len(procs))
         lat, lost = await rate_phase(redis, settings, rate, seconds)
-        rates = await drain_phase(redis, settings, ports, backlog)
-        return lat, lost, rates
+        return lat, lost, await drain_phase(redis, settings, procs, backlog)
     finally:
         await redis.aclose()
 
