@@ -206,9 +206,12 @@ async def test_ask_redirections_are_followed_with_many_connections_to_the_target
     """redis-py 8.1 sends ASKING and the command on different connections: with a warm pool on
     the target every call ends in 'TTL exhausted'. Ours sends both on one."""
     ours = cast(Cluster, connect(cluster_settings(own_cluster.url), socket_timeout=5.0))
+    # The read path's client (no retries) routes a GET by its own fast path (Cluster._node_of).
+    fast = cast(Cluster, connect(cluster_settings(own_cluster.url), socket_timeout=5.0, retries=0))
     theirs = RedisCluster.from_url(own_cluster.url)
     key = "own:ask:{hot}"
     await ours.set(key, "v")
+    assert await fast.get(key) == b"v"  # learns the slot map: the slot's old owner
     await theirs.initialize()
     _, target = await half_migrated(own_cluster, ours, key)
     try:
@@ -221,14 +224,18 @@ async def test_ask_redirections_are_followed_with_many_connections_to_the_target
         with pytest.raises(ClusterError, match="TTL exhausted"):
             await theirs.get(key)
         assert [await ours.get(key) for _ in range(20)] == [b"v"] * 20
+        assert [await fast.get(key) for _ in range(20)] == [b"v"] * 20, "ASK, fast path"
         script = Script("return redis.call('GET', KEYS[1])")
         assert await asyncio.gather(*(script(ours, [key]) for _ in range(20))) == [b"v"] * 20
     finally:
         hand_over(own_cluster, ours.keyslot(key), target)
         own_cluster.wait_ok()
     assert await ours.get(key) == b"v"
+    assert await fast.get(key) == b"v", "MOVED: the fast path follows the slot"
+    assert fast.nodes_manager.get_node_from_slot(ours.keyslot(key)).port == target
     await ours.delete(key, *there)
     await ours.aclose()
+    await fast.aclose()
     await theirs.aclose()
 
 
