@@ -25,10 +25,10 @@ PROTO_VERSION_LINES := -I 'Protobuf Python Version:' -I '^GRPC_GENERATED_VERSION
 	-I '^    [0-9][0-9]*,$$'
 
 .PHONY: help install proto proto-check proto-lint api-package lint format test run run-cluster bench \
-	bench-quick lock secrets up down compose-check clean
+	bench-quick bench-cluster lock secrets up down compose-check clean
 
 help:
-	@echo "targets: install proto proto-check proto-lint api-package lint format test run run-cluster bench bench-quick lock secrets up down compose-check clean"
+	@echo "targets: install proto proto-check proto-lint api-package lint format test run run-cluster bench bench-quick bench-cluster lock secrets up down compose-check clean"
 
 install: $(STAMP)
 
@@ -120,12 +120,17 @@ run: install
 run-cluster: install
 	CATALOG_REDIS_MODE=cluster $(BIN)/python -m devtools.devrun
 
-# Needs the local PostgreSQL (BENCH_DATABASE_URL) and redis-server; see docs/benchmarks.md.
+# Needs the local PostgreSQL (BENCH_DATABASE_URL), redis-server and (for the cluster group, a
+# private 3-primary Redis Cluster) redis-cli; see docs/benchmarks.md. Every group, cluster included.
 bench: install
 	$(BIN)/python -m bench
 
 bench-quick: install
 	$(BIN)/python -m bench --quick --no-write  # a check: only a full run publishes figures
+
+# The cluster group alone (one Redis vs a Redis Cluster, same run); rewrites only its figures.
+bench-cluster: install
+	$(BIN)/python -m bench --only cluster
 
 # requirements.lock: the runtime dependencies (and the build backend) with their hashes, which
 # the Dockerfile installs with --require-hashes; requirements-dev.lock: the same plus the dev

@@ -37,6 +37,7 @@ class Spec:
     duration_s: float = 5.0
     server_pids: list[int] = field(default_factory=list)
     burst: bool = False  # send every request at once, once (no warm-up)
+    latencies: bool = False  # add the measured latencies (s) to the summary, to merge windows
 
     def to_json(self) -> str:
         data = self.__dict__ | {"requests": [base64.b64encode(r).decode() for r in self.requests]}
@@ -113,7 +114,7 @@ async def run(spec: Spec) -> dict[str, Any]:
         ]
         window = Window(spec.server_pids, [])
         await (burst if spec.burst else closed_loop)(calls, spec, window)
-        return window.summary()
+        return window.summary(**({"latencies": window.latencies} if spec.latencies else {}))
     finally:
         for channel in channels:
             await channel.close(None)

@@ -92,6 +92,32 @@ class Window:
         )
 
 
+def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several windows on the same server(s), each summarized with its
+    ``latencies``: totals add up, rates and CPU are over the windows' summed time, and the
+    percentiles are of every latency."""
+    lat = sorted(x for s in summaries for x in s["latencies"])
+    count = sum(s["count"] for s in summaries)
+    elapsed = sum(s["elapsed_s"] for s in summaries)
+    server_cpu = sum(s["server_cores"] * s["elapsed_s"] for s in summaries)
+    client_cpu = sum(s["client_cores"] * s["elapsed_s"] for s in summaries)
+    return asdict(
+        Summary(
+            count=count,
+            errors=sum(s["errors"] for s in summaries),
+            elapsed_s=elapsed,
+            rps=count / elapsed if elapsed else 0.0,
+            p50_ms=percentile(lat, 0.50) * 1000,
+            p90_ms=percentile(lat, 0.90) * 1000,
+            p99_ms=percentile(lat, 0.99) * 1000,
+            server_cpu_s_per_1k=server_cpu / count * 1000 if count else float("nan"),
+            server_cores=server_cpu / elapsed if elapsed else 0.0,
+            client_cores=client_cpu / elapsed if elapsed else 0.0,
+            total=sum(s["total"] for s in summaries),
+        )
+    )
+
+
 @dataclass(frozen=True)
 class Summary:
     count: int

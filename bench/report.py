@@ -1,6 +1,9 @@
 """Result rows, their medians over runs, and the three outputs: a table on stdout,
-``docs/benchmarks.md`` and ``bench/results.json`` (keys: scenario, figure, value, unit, baseline,
-ratio)."""
+``docs/benchmarks.md`` and ``bench/results.json`` (keys: group, scenario, figure, value, unit,
+baseline, ratio, target, and the group's run: date, runs, machine).
+
+Both files keep every scenario group's latest figures: a run of some groups (``--only``) replaces
+those groups' rows and leaves the others' as their own runs wrote them, with their dates."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import math
 import os
 import platform
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -106,13 +109,43 @@ def machine() -> str:
     )
 
 
-def write(rows: list[Row], runs: int, notes: str, md_path: Path, json_path: Path) -> None:
-    json_path.write_text(
-        json.dumps([{k: v for k, v in asdict(r).items() if k != "target"} for r in rows], indent=1)
-        + "\n"
-    )
-    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+_RUN = ("date", "runs", "machine")
+
+
+def write(
+    groups: dict[str, list[Row]],
+    runs: int,
+    notes: str,
+    md_path: Path,
+    json_path: Path,
+    order: list[str],
+) -> None:
+    """Replace the rows of ``groups`` (name -> medians of this run) in ``json_path``, keep the
+    other groups' rows, and write ``md_path`` from the result: ``notes``, then each group's
+    table with its own date, machine and number of runs, in ``order`` (the suite's)."""
+    run = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "runs": runs,
+           "machine": machine()}  # fmt: skip
+    kept = json.loads(json_path.read_text()) if json_path.exists() else []
+    rows = [r for r in kept if r["group"] not in groups] + [
+        {"group": group, **asdict(row), **run} for group, new in groups.items() for row in new
+    ]
+    rank = {name: n for n, name in enumerate(order)}
+    rows.sort(key=lambda r: rank.get(r["group"], len(rank)))  # stable: rows keep their order
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    names = [f.name for f in fields(Row)]
+    sections = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        mine = [r for r in rows if r["group"] == group]
+        first = mine[0]
+        sections.append(
+            f"### `{group}`\n\nDate: {first['date']}. Machine: {first['machine']}. "
+            f"Medians of {first['runs']} run(s).\n\n"
+            + table([Row(**{k: r[k] for k in names}) for r in mine])
+        )
     md_path.write_text(
         f"# Benchmarks\n\n{notes}\n\n## Latest results\n\n"
-        f"Date: {date}. Machine: {machine()}. Medians of {runs} run(s).\n\n{table(rows)}\n"
+        "Each group's figures are from the latest run that included it "
+        "(`python -m bench --only GROUP` rewrites only the figures of the groups it ran).\n\n"
+        + "\n\n".join(sections)
+        + "\n"
     )

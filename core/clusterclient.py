@@ -42,6 +42,7 @@ from typing import Any, cast
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -145,6 +146,7 @@ class Cluster(RedisCluster):
         self._gate_timeout = gate_timeout
         self._node_clients: dict[str, Redis] = {}
         self.loaded_scripts: set[str] = set()  # shas loaded on every primary (core.redisscript)
+        self._no_retries = self.retry.get_retries() == 0
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Cluster:
@@ -170,7 +172,28 @@ class Cluster(RedisCluster):
             # Learn the slot map before routing: redis-py routes a command that arrives during
             # its first initialize by a map still being built.
             await self.ready()
+            if args[0] == "GET" and len(args) == 2 and not kwargs and self._no_retries:
+                node = self._node_of(args[1])
+                if node is not None:
+                    return await self._guarded(self._execute_command, node, *args)
             return await self._guarded(super().execute_command, *args, **kwargs)
+
+    def _node_of(self, key: Any) -> ClusterNode | None:
+        """The primary of ``key``'s slot from the slot map, or None (then the general path).
+
+        A GET hit is the service's hottest call: this skips redis-py's per-call routing (an
+        async command-policy lookup, the command parser to find the key, the node search and
+        the retry loop), which cost about as much as the request itself. Redirections and
+        failures are handled by ``_execute_command`` as on the general path; only clients
+        built without retries (the read path's: its breaker decides) take it, because the
+        retry loop is what is skipped."""
+        if self._initialize:
+            return None
+        try:
+            slot = key_slot(key.encode() if isinstance(key, str) else key)
+            return self.nodes_manager.get_node_from_slot(slot)
+        except (RedisError, RedisClusterException, IndexError, KeyError, AttributeError):
+            return None
 
     async def _guarded(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -237,6 +260,9 @@ class _Gate:
 
     async def __aenter__(self) -> None:
         if self._sem is None:
+            return
+        if not self._sem.locked():  # free: acquired at once, no timer (the common case)
+            await self._sem.acquire()
             return
         try:
             async with asyncio.timeout(self._timeout):

@@ -19,6 +19,7 @@ they cannot run inside a cluster pipeline either.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import Sequence
@@ -46,14 +47,48 @@ class Script:
         self, client: RedisClient, keys: Sequence[str], args: Sequence[Arg] = ()
     ) -> Any:
         if isinstance(client, Cluster) and self.sha not in client.loaded_scripts:
-            client.loaded_scripts.add(self.sha)  # once per client, even if this load fails
-            with contextlib.suppress(RedisError):
-                await client.execute_command("SCRIPT LOAD", self.source)
+            await self._preload(client)
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self.load(client, keys)
         return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def many(
+        self, client: RedisClient, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+    ) -> list[Any]:
+        """Several calls (KEYS, ARGV), each within one hash slot; their replies in order. On a
+        cluster they go as one pipeline (one round trip per node, redirections followed by the
+        client) instead of a routed request each: an invalidator's batch of products is one
+        call per product's slot. A call that meets ``NOSCRIPT`` runs again alone (loading the
+        script there); any other error is raised. Elsewhere: the calls, concurrently."""
+        if not isinstance(client, Cluster) or len(calls) < 2:
+            return list(await asyncio.gather(*(self(client, k, a) for k, a in calls)))
+        if self.sha not in client.loaded_scripts:
+            await self._preload(client)
+        pipe = client.pipeline()
+        for keys, args in calls:
+            # redis-py refuses pipe.evalsha on a cluster; the command itself routes by its keys.
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        replies: list[Any] = list(await pipe.execute(raise_on_error=False))
+        loaded: set[str] = set()  # nodes reloaded after NOSCRIPT in this call
+        for n, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                keys, args = calls[n]
+                node = client.primary_for(keys[0]).name
+                if node not in loaded:
+                    loaded.add(node)
+                    await self.load(client, keys)
+                replies[n] = await self(client, keys, args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _preload(self, client: Cluster) -> None:
+        """SCRIPT LOAD on every primary, once per client (see the module docstring)."""
+        client.loaded_scripts.add(self.sha)  # once per client, even if this load fails
+        with contextlib.suppress(RedisError):
+            await client.execute_command("SCRIPT LOAD", self.source)
 
     async def load(self, client: RedisClient, keys: Sequence[str] = ()) -> None:
         """SCRIPT LOAD where a call with ``keys`` runs (every primary when there are none)."""

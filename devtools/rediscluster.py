@@ -14,12 +14,20 @@ import contextlib
 import shutil
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
+
+import redis
 
 from devtools.localservers import RedisProcess, free_port, port_in_use
 
 # Redis Cluster's bus listens on the client port + 10000.
 _BUS_OFFSET = 10_000
+#: ``INFO commandstats`` names that are no data access: the INFO that reads them, and what a
+#: client sends to learn the slot map or set up and keep its connections.
+NOT_DATA = frozenset(
+    {"info", "ping", "hello", "client", "cluster", "command", "select", "readonly"}
+)
 
 
 class RedisCluster:
@@ -137,6 +145,25 @@ class RedisCluster:
                 if "role:master" in self.cli("INFO", "replication", port=node.port):
                     ports.append(node.port)
         return ports
+
+    def commandstats(self) -> Counter[str]:
+        """Calls per command (``INFO commandstats``, ``get``, ``mget``, ``evalsha``, ...) summed
+        over every live node: what the cluster as a whole has been asked so far."""
+        return self._info_sums("commandstats", "cmdstat_", "calls")
+
+    def errorstats(self) -> Counter[str]:
+        """Error replies per error code (``INFO errorstats``: ``MOVED``, ``ASK``, ...) summed over
+        every live node."""
+        return self._info_sums("errorstats", "errorstat_", "count")
+
+    def _info_sums(self, section: str, prefix: str, field: str) -> Counter[str]:
+        sums: Counter[str] = Counter()
+        for node in self.alive():
+            with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=30) as client:
+                stats = client.info(section)
+            for name, fields in stats.items():
+                sums[name.removeprefix(prefix)] += int(fields[field])
+        return sums
 
     def node(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)

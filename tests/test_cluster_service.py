@@ -15,6 +15,7 @@ from core.clusterclient import Cluster
 from core.keys import Keys
 from core.redisclient import connect
 from core.settings import Settings
+from devtools.rediscluster import NOT_DATA
 from service.app import start
 from tests.helpers import (
     WRITE_TOKEN,
@@ -27,9 +28,6 @@ from tests.helpers import (
 from tests.test_call import catalog_call
 
 HITS = 50
-# Commands that are not the data path: our own INFO, and whatever a client sends to learn or
-# keep its connections (none is expected, but none would be a cost of a hit either).
-NOT_DATA = {"info", "ping", "hello", "client", "cluster", "command", "select", "readonly"}
 
 
 def cluster_settings(redis_cluster_url: str, database_url: str) -> Settings:

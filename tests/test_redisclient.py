@@ -152,6 +152,34 @@ async def test_noscript_on_one_node_reloads_there_and_the_call_succeeds(
     await client.aclose()
 
 
+async def test_many_calls_go_as_one_request_per_node_and_survive_noscript(
+    own_cluster: ClusterLauncher,
+) -> None:
+    """Script.many on a cluster (one pipeline: a request per node, not per call): replies in
+    the calls' order, each call run once; those that meet NOSCRIPT on a flushed node run again
+    alone, after a load there."""
+    client = cast(Cluster, connect(cluster_settings(own_cluster.url)))
+    await client.ready()
+    script = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    keys = [f"own:many:{{{n}}}" for n in range(30)]  # 30 slots, spread over every node
+    nodes = {int(client.get_node_from_key(k).port) for k in keys}  # type: ignore[union-attr]
+    assert len(nodes) == 3
+    assert await script.many(client, [([k], [n]) for n, k in enumerate(keys)]) == list(range(30))
+    flushed = next(iter(nodes))
+    own_cluster.cli("SCRIPT", "FLUSH", port=flushed)
+    before = {p: calls(own_cluster, p, "evalsha") for p in nodes}
+    replies = await script.many(client, [([k], [1]) for k in keys])
+    assert replies == [n + 1 for n in range(30)]
+    owners = [int(client.primary_for(k).port) for k in keys]
+    on = {p: owners.count(p) for p in nodes}
+    spent = {p: calls(own_cluster, p, "evalsha") - before[p] for p in nodes}
+    # Every call once; on the flushed node each ran twice (NOSCRIPT, then alone after one load).
+    assert spent == {p: on[p] * (2 if p == flushed else 1) for p in nodes}
+    assert calls(own_cluster, flushed, "script|load") >= 1
+    await client.delete(*keys)
+    await client.aclose()
+
+
 async def test_concurrent_first_calls_of_a_new_client_after_a_flush_all_succeed(
     own_cluster: ClusterLauncher,
 ) -> None:
@@ -206,9 +234,12 @@ async def test_ask_redirections_are_followed_with_many_connections_to_the_target
     """redis-py 8.1 sends ASKING and the command on different connections: with a warm pool on
     the target every call ends in 'TTL exhausted'. Ours sends both on one."""
     ours = cast(Cluster, connect(cluster_settings(own_cluster.url), socket_timeout=5.0))
+    # The read path's client (no retries) routes a GET by its own fast path (Cluster._node_of).
+    fast = cast(Cluster, connect(cluster_settings(own_cluster.url), socket_timeout=5.0, retries=0))
     theirs = RedisCluster.from_url(own_cluster.url)
     key = "own:ask:{hot}"
     await ours.set(key, "v")
+    assert await fast.get(key) == b"v"  # learns the slot map: the slot's old owner
     await theirs.initialize()
     _, target = await half_migrated(own_cluster, ours, key)
     try:
@@ -221,14 +252,19 @@ async def test_ask_redirections_are_followed_with_many_connections_to_the_target
         with pytest.raises(ClusterError, match="TTL exhausted"):
             await theirs.get(key)
         assert [await ours.get(key) for _ in range(20)] == [b"v"] * 20
+        assert [await fast.get(key) for _ in range(20)] == [b"v"] * 20, "ASK, fast path"
         script = Script("return redis.call('GET', KEYS[1])")
         assert await asyncio.gather(*(script(ours, [key]) for _ in range(20))) == [b"v"] * 20
+        assert await script.many(ours, [([key], ())] * 5) == [b"v"] * 5, "a pipeline too"
     finally:
         hand_over(own_cluster, ours.keyslot(key), target)
         own_cluster.wait_ok()
     assert await ours.get(key) == b"v"
+    assert await fast.get(key) == b"v", "MOVED: the fast path follows the slot"
+    assert fast.nodes_manager.get_node_from_slot(ours.keyslot(key)).port == target
     await ours.delete(key, *there)
     await ours.aclose()
+    await fast.aclose()
     await theirs.aclose()
 
 

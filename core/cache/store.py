@@ -124,7 +124,21 @@ class CacheStore:
 
         if len(groups) == 1:
             return [await run(groups[0])]
+        if self.cluster:
+            calls = [
+                ([k for i in g for k in entry_keys[i]],
+                 [*head_args, *(a for i in g for a in entry_args[i])])
+                for g in groups
+            ]  # fmt: skip
+            return list(zip(groups, await self._eval_many(script, calls), strict=True))
         return list(await asyncio.gather(*(run(g) for g in groups)))
+
+    async def _eval_many(
+        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Several calls of one script, each within one slot: one pipeline per node on a
+        cluster (:meth:`core.redisscript.Script.many`)."""
+        return await script.many(self.redis, calls)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -92,6 +92,15 @@ class SlotChecked(CacheStore):
         self.calls.append(len(keys))
         return await super()._eval(script, keys, args)
 
+    async def _eval_many(
+        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        for keys, _ in calls:
+            slots = {key_slot(k.encode()) for k in keys}
+            assert len(slots) <= 1, f"a script call spans slots {slots}: {keys}"
+            self.calls.append(len(keys))
+        return await super()._eval_many(script, calls)
+
 
 @pytest.mark.parametrize("per_slot", [False, True])
 async def test_every_call_runs_one_script_per_slot_and_batches_keep_one_call_standalone(
