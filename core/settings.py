@@ -154,7 +154,7 @@ class Settings:
         lo=1, hi=60_000,
     )  # fmt: skip
     near_cache_heartbeat_ms: int = option(
-        5, "pause between near-cache heartbeats (per Redis node)", lo=1, hi=60_000
+        10, "pause between near-cache heartbeats (per Redis node)", lo=1, hi=60_000
     )
 
     lease_ttl_ms: int = option(3000, "lease (fill lock) lifetime", lo=10, hi=120_000)

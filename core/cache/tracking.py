@@ -120,8 +120,9 @@ class Tracking:
         self.tracked = {c.name for c in channels} if isinstance(self.redis, Cluster) else None
         self.channels = channels
         try:
-            for channel in channels:
-                await channel.open()
+            async with asyncio.timeout(self.broken_after_s):  # a paused node cannot hang it
+                for channel in channels:
+                    await channel.open()
             # Tracking is on everywhere: from here on no change can go unreported. Entries read
             # before are dropped, and tickets taken before are void (the epoch).
             self.near.reset([c.name for c in channels])
@@ -201,7 +202,7 @@ class _NodeChannel:
         confirm = await self.sub.read_response()
         if not (isinstance(confirm, list) and confirm[0] == b"subscribe"):
             raise ChannelBroken(f"error: unexpected SUBSCRIBE reply {confirm!r}")
-        self.ctl = self._connection(self.owner.broken_after_s)
+        self.ctl = self._connection(None)  # each beat is bounded as a whole (see beat)
         await self.ctl.connect()  # type: ignore[no-untyped-call]
         await self._call(
             self.ctl, "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST",
@@ -249,34 +250,43 @@ class _NodeChannel:
         """Write a heartbeat, wait for it to come back, advance the watermark, pause; until
         something fails. On a cluster each beat first asks the node for the cluster's config
         epoch (same write, so no extra round trip): when it moved, the primaries are compared
-        with those tracked before the beat may count."""
+        with those tracked before the beat may count.
+
+        A beat costs one write and three wake-ups (its reply, its invalidation, the pause):
+        the control connection has no socket timeout (redis-py would run every send and read
+        under ``wait_for``, a task each); one ``asyncio.timeout`` bounds the whole beat."""
         assert self.ctl is not None
         ctl, owner = self.ctl, self.owner
         ttl_ms = str(int(owner.broken_after_s * 4000) + 1000)
+        cluster = owner.tracked is not None
         while True:
             self.number += 1
             self._expected = (self.beat_prefix + str(self.number)).encode()
+            beat = ("SET", self._expected, b"1", "PX", ttl_ms)
             self.returned.clear()
             self.sent_at = owner.clock()
-            beat = ("SET", self._expected, b"1", "PX", ttl_ms)
-            if owner.tracked is None:
-                await self._call(ctl, *beat)
-            else:
-                await ctl.send_packed_command(ctl.pack_commands([("CLUSTER", "INFO"), beat]))
-                info = await ctl.read_response()
-                try:
-                    await ctl.read_response()
-                except (AskError, MovedError):
-                    # The beat's slot is moving or moved away (a reshard): beat in another
-                    # slot of this node's. The primaries are checked before it counts.
-                    await self.check_topology(retag=True)
-                    continue
-                epoch = _config_epoch(info)
-                if epoch != self.epoch or self.number % FULL_CHECK_BEATS == 0:
-                    await self.check_topology()
-                    self.epoch = epoch
             try:
-                await asyncio.wait_for(self.returned.wait(), owner.broken_after_s)
+                async with asyncio.timeout(owner.broken_after_s):
+                    if cluster:
+                        await ctl.send_packed_command(
+                            ctl.pack_commands([("CLUSTER", "INFO"), beat]), check_health=False
+                        )
+                        info = await ctl.read_response()
+                        try:
+                            await ctl.read_response()
+                        except (AskError, MovedError):
+                            # The beat's slot is moving or moved away (a reshard): beat in
+                            # another slot of this node's; the primaries are checked first.
+                            await self.check_topology(retag=True)
+                            continue
+                        epoch = _config_epoch(info)
+                        if epoch != self.epoch or self.number % FULL_CHECK_BEATS == 0:
+                            await self.check_topology()
+                            self.epoch = epoch
+                    else:
+                        await ctl.send_packed_command(ctl.pack_command(*beat), check_health=False)
+                        await ctl.read_response()
+                    await self.returned.wait()
             except TimeoutError:
                 raise ChannelBroken(
                     f"stalled: no heartbeat back from {self.name} within "
