@@ -71,6 +71,8 @@ class NearCache:
         "_voided",
         "_wall_ms",
         "epoch",
+        "idle",
+        "reads",
         "seq",
         "watermark",
     )
@@ -102,6 +104,10 @@ class NearCache:
         self.seq = 0
         self._suspended_from: float | None = self._clock()
         self._suspended_total = 0.0
+        #: Lookups so far: the channel beats only while they come (core/cache/tracking.py).
+        self.reads = 0
+        #: Set while the channel does not beat for want of lookups (not counted as suspended).
+        self.idle = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -121,6 +127,7 @@ class NearCache:
 
     def get(self, key: str) -> bytes | None:
         """The entry, if held, fresh, and the channel is up to date; else None."""
+        self.reads += 1
         found = self._entries.get(key)
         if found is None:
             metrics.NEAR_MISSES.inc()
@@ -219,8 +226,24 @@ class NearCache:
             self._suspended_total += max(0.0, now - self._suspended_from)
             self._suspended_from = None
 
+    def set_idle(self, idle: bool) -> None:
+        """The channel stops beating for want of lookups (True), or beats again (False): time
+        idle is not time suspended (nobody was refused), and suspension counts again from the
+        moment beats resume, until the first one comes back."""
+        if idle == self.idle:
+            return
+        now = self._clock()
+        if idle:
+            self._suspended_total = self.suspended_seconds()
+            self._suspended_from = None
+        elif now - self.watermark > self._max_age:
+            self._suspended_from = now
+        self.idle = idle
+
     def suspended_seconds(self) -> float:
         """Total time the table did not serve because its watermark was too old (a metric)."""
+        if self.idle:
+            return self._suspended_total
         now = self._clock()
         since = self._suspended_from
         if since is None and now - self.watermark > self._max_age:

@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 CHANNEL = b"__redis__:invalidate"
 #: Wait before the next session after one ended.
 RETRY_S = 0.2
+#: The channel stops beating after this long without a near-cache lookup, and then looks for
+#: one every IDLE_POLL_S: an idle process costs Redis and its own CPU next to nothing.
+IDLE_S = 1.0
+IDLE_POLL_S = 0.05
 #: A cluster session compares its primaries with the cluster's at least every this many beats,
 #: even when the config epoch did not move.
 FULL_CHECK_BEATS = 100
@@ -182,6 +186,8 @@ class _NodeChannel:
         self.returned = asyncio.Event()
         self._expected = b""  # the key of the beat in flight
         self.epoch = b""  # the cluster's config epoch when the topology was last checked
+        self._reads_seen = -1  # near-cache lookups when last looked at (see _while_idle)
+        self._active_at = 0.0
 
     def tag(self, slot: int) -> None:
         """Beat in ``slot`` from now on (standalone: any)."""
@@ -295,6 +301,26 @@ class _NodeChannel:
             # Every invalidation the node sent before the beat's own has been applied.
             owner.near.advance(self.name, self.sent_at)
             await asyncio.sleep(owner.heartbeat_s)
+            await self._while_idle()
+
+    async def _while_idle(self) -> None:
+        """Return at once while lookups come; after IDLE_S without any, until the next one
+        (the watermark ages meanwhile, so the first lookups after it go to Redis). Invalidations
+        are applied all along."""
+        near = self.owner.near
+        now = self.owner.clock()
+        if near.reads != self._reads_seen:
+            self._reads_seen, self._active_at = near.reads, now
+            return
+        if now - self._active_at < IDLE_S:
+            return
+        near.set_idle(True)
+        try:
+            while near.reads == self._reads_seen:  # noqa: ASYNC110 (get() stays signal-free)
+                await asyncio.sleep(IDLE_POLL_S)
+        finally:
+            near.set_idle(False)
+        self._reads_seen, self._active_at = near.reads, self.owner.clock()
 
     async def check_topology(self, retag: bool = False) -> None:
         """Fail the session unless the primaries serving slots, as this node sees them, are

@@ -9,6 +9,7 @@ the channel are in tests/faults/."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -70,8 +71,14 @@ async def held(service: Service, product_id: str) -> bytes:
 
 
 async def watermark_passes(near: NearCache, instant: float) -> None:
-    """Until every change completed before ``instant`` has been applied."""
-    await eventually(lambda: _true(near.watermark > instant), 10, "the watermark to pass")
+    """Until every change completed before ``instant`` has been applied. (Each look is a
+    lookup too: the channel beats only while lookups come.)"""
+
+    async def passed() -> bool:
+        near.get("a lookup")
+        return near.watermark > instant
+
+    await eventually(passed, 10, "the watermark to pass")
 
 
 async def test_a_hit_costs_no_redis_request(svc: Service, redis_client: RedisClient) -> None:
@@ -219,3 +226,22 @@ class HeldBack:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._near, name)
+
+
+async def test_an_idle_process_stops_beating_and_a_lookup_wakes_it(svc: Service) -> None:
+    """No lookup for IDLE_S: the beats stop (nothing is refused meanwhile, so no time counts
+    as suspended); the next lookups start them again and the near cache serves again."""
+    from core.cache.tracking import IDLE_POLL_S
+
+    near = near_of(svc)
+    assert svc.tracking is not None
+    await held(svc, P)
+    await eventually(lambda: _true(near.idle), 10, "the channel to go idle")
+    beats = [c.number for c in svc.tracking.channels]
+    suspended = near.suspended_seconds()
+    await asyncio.sleep(IDLE_POLL_S * 4)  # idle for a while: nothing may happen
+    assert [c.number for c in svc.tracking.channels] == beats
+    assert near.suspended_seconds() == suspended
+    assert near.get(svc.reader.keys.product(P)) is None, "the watermark aged while idle"
+    await eventually(lambda: _true(not near.idle and near.serving()), 10, "beats again")
+    assert near.get(svc.reader.keys.product(P)) is not None, "entries were kept"

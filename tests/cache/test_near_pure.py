@@ -170,3 +170,21 @@ def test_suspended_time_is_counted_from_when_the_watermark_aged_out() -> None:
     assert abs(near.suspended_seconds() - base - 0.100) < 1e-9
     clock.now += 0.060  # 20 ms past the bound again
     assert abs(near.suspended_seconds() - base - 0.120) < 1e-9
+
+
+def test_idle_time_is_not_suspended_time() -> None:
+    clock = Clock()
+    near = near_cache(clock)
+    clock.now += 0.030
+    near.set_idle(True)  # the channel stops beating: nobody looks
+    clock.now += 5.0
+    assert near.suspended_seconds() == 0.0
+    near.set_idle(False)  # a lookup: beats again; refused until the first comes back
+    clock.now += 0.004
+    assert abs(near.suspended_seconds() - 0.004) < 1e-9
+    near.advance("node", clock.now)
+    clock.now += 0.010
+    assert abs(near.suspended_seconds() - 0.004) < 1e-9
+    assert near.reads == 0
+    near.get("k")
+    assert near.reads == 1
