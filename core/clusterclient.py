@@ -23,7 +23,7 @@
 * **A bounded wait for connections.** ``max_connections`` is per node and fails at once when
   exhausted (``MaxConnectionsError``); with ``gate`` the client instead lets that many commands
   run at a time and makes the others wait up to ``gate_timeout`` s, like the standalone
-  ``BlockingConnectionPool`` (pipelines are not gated: they take one connection per node).
+  ``BlockingConnectionPool`` (a pipeline takes one place, and one connection per node).
 * **MULTI/EXEC.** redis-py's cluster transactions queue every command through a thread running
   its own event loop. :class:`SlotTransaction` is the standalone pipeline, run on a connection
   to the node that owns the commands' one slot, and retried there when the slot moved.
@@ -66,6 +66,8 @@ TRANSACTION_ATTEMPTS = 20
 TRANSACTION_PAUSE_S = 0.025
 # The node a task has just been redirected to by ASK: its next command goes out with ASKING.
 _ASKING: contextvars.ContextVar[str | None] = contextvars.ContextVar("catalog_asking", default=None)
+# Set while this context holds a place in the client's gate (see _Gate).
+_GATED: contextvars.ContextVar[bool] = contextvars.ContextVar("catalog_gated", default=False)
 
 
 class ClusterUnavailable(ConnectionError):
@@ -251,41 +253,52 @@ class Cluster(RedisCluster):
 
 
 class _Gate:
-    """At most ``n`` holders at once; a holder waits up to ``timeout`` s, then ConnectionError."""
+    """At most ``n`` holders at once; a holder waits up to ``timeout`` s, then ConnectionError.
 
-    __slots__ = ("_sem", "_timeout")
+    A holder uses at most one connection per node (a command one, a pipeline one on each node
+    it touches), so the gate bounds every node's connections. What a holder runs on its behalf
+    (a pipeline's redirected commands, sent through :meth:`Cluster.execute_command` in the same
+    context) does not wait for the gate again: it could wait for itself."""
+
+    __slots__ = ("_sem", "_timeout", "_token")
 
     def __init__(self, sem: asyncio.Semaphore | None, timeout: float) -> None:
         self._sem, self._timeout = sem, timeout
+        self._token: contextvars.Token[bool] | None = None
 
     async def __aenter__(self) -> None:
-        if self._sem is None:
+        if self._sem is None or _GATED.get():
             return
-        if not self._sem.locked():  # free: acquired at once, no timer (the common case)
+        if self._sem.locked():
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._sem.acquire()
+            except TimeoutError:
+                raise ConnectionError("no free Redis connection (all in use)") from None
+        else:  # free: acquired at once, no timer (the common case)
             await self._sem.acquire()
-            return
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._sem.acquire()
-        except TimeoutError:
-            raise ConnectionError("no free Redis connection (all in use)") from None
+        self._token = _GATED.set(True)
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._sem is not None:
+        if self._token is not None:
+            _GATED.reset(self._token)
+            self._token = None
+            assert self._sem is not None
             self._sem.release()
 
 
 class _GuardedPipeline(ClusterPipeline):
-    """A cluster pipeline whose internal errors are wrapped. Not gated: it re-sends redirected
-    commands through :meth:`Cluster.execute_command`, which takes the gate itself."""
+    """A cluster pipeline, gated like a command, whose internal errors are wrapped."""
 
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
         client = cast(Cluster, self.cluster_client)
-        return cast(
-            list[Any], await client._guarded(super().execute, raise_on_error, allow_redirections)
-        )
+        async with client._gated():
+            return cast(
+                list[Any],
+                await client._guarded(super().execute, raise_on_error, allow_redirections),
+            )
 
 
 class SlotTransaction(Pipeline):
