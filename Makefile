@@ -25,10 +25,10 @@ PROTO_VERSION_LINES := -I 'Protobuf Python Version:' -I '^GRPC_GENERATED_VERSION
 	-I '^    [0-9][0-9]*,$$'
 
 .PHONY: help install proto proto-check proto-lint api-package lint format test run run-cluster bench \
-	bench-quick bench-cluster lock secrets up down compose-check clean
+	bench-quick bench-cluster bench-tools lock secrets up down compose-check clean
 
 help:
-	@echo "targets: install proto proto-check proto-lint api-package lint format test run run-cluster bench bench-quick bench-cluster lock secrets up down compose-check clean"
+	@echo "targets: install proto proto-check proto-lint api-package lint format test run run-cluster bench bench-quick bench-cluster bench-tools lock secrets up down compose-check clean"
 
 install: $(STAMP)
 
@@ -122,15 +122,30 @@ run-cluster: install
 
 # Needs the local PostgreSQL (BENCH_DATABASE_URL), redis-server and (for the cluster group, a
 # private 3-primary Redis Cluster) redis-cli; see docs/benchmarks.md. Every group, cluster included.
-bench: install
+bench: install bench-tools
 	$(BIN)/python -m bench
 
-bench-quick: install
+bench-quick: install bench-tools
 	$(BIN)/python -m bench --quick --no-write  # a check: only a full run publishes figures
 
 # The cluster group alone (one Redis vs a Redis Cluster, same run); rewrites only its figures.
 bench-cluster: install
 	$(BIN)/python -m bench --only cluster
+
+# h2load, the C HTTP/2 load generator of the `near` group (bench/h2load.py): Debian's
+# nghttp2-client, installed with apt-get when it is missing and we are root; else an error
+# saying what to install. Only the benchmarks need it (CI does not run them).
+bench-tools:
+	@command -v h2load >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "bench-tools: installing nghttp2-client (h2load)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			nghttp2-client </dev/null \
+		|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends nghttp2-client </dev/null; }; \
+	else \
+		echo "bench: h2load is needed: apt-get install nghttp2-client (as root)" >&2; exit 1; \
+	fi
 
 # requirements.lock: the runtime dependencies (and the build backend) with their hashes, which
 # the Dockerfile installs with --require-hashes; requirements-dev.lock: the same plus the dev

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import capture, cluster, invalidation, rpc, stampede, zipf
+from bench import capture, cluster, invalidation, near, rpc, stampede, zipf
 from bench.environment import BenchEnv
 from bench.report import Row, medians, table, write
 
@@ -36,6 +36,9 @@ def scenarios(quick: bool) -> dict[str, Callable[[BenchEnv], list[Row]]]:
         # times (one Redis, then the cluster with 1 and 3 invalidators).
         "cluster": lambda env: cluster.run(
             env, timing, 5.0 if quick else 15.0, 10_000 if quick else 20_000
+        ),
+        "near": lambda env: near.run(
+            env, timing, 2.0 if quick else 3.0, 5.0 if quick else 12.0, 1.0 if quick else 3.0
         ),
     }
 

@@ -148,6 +148,17 @@ class Keys:
         return None
 
     @property
+    def product_prefix(self) -> str:
+        """What every product entry key (and its lease) starts with: the near cache's tracked
+        prefix (core/cache/tracking.py)."""
+        return self._product
+
+    def heartbeat_prefix(self, process: str) -> str:
+        """Prefix of one process's near-cache heartbeat keys (short-lived, written only to be
+        seen changing through the invalidation channel). Never a prefix of a product key."""
+        return self._prefix + "nc:" + process + ":"
+
+    @property
     def product_pattern(self) -> str:
         """SCAN MATCH pattern of product entries (their leases match too: filter them out)."""
         return _glob_escape(self._product) + "{*}*"

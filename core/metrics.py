@@ -66,6 +66,38 @@ LOOP_LAG = Gauge(
 )
 LOOP_LAG_INTERVAL_S = 0.5
 
+_NEAR_REQUESTS = Counter(
+    "catalog_near_cache_requests",
+    "Near-cache (in-process) lookups: hit, miss, or suspended (held but the invalidation "
+    "channel's watermark was older than CATALOG_NEAR_CACHE_MAX_STALENESS_MS)",
+    ["result"],
+)
+NEAR_HITS = _NEAR_REQUESTS.labels("hit")
+NEAR_MISSES = _NEAR_REQUESTS.labels("miss")
+NEAR_SUSPENDED = _NEAR_REQUESTS.labels("suspended")
+NEAR_EVICTIONS = Counter(
+    "catalog_near_cache_evictions", "Near-cache entries evicted to stay within its size bounds"
+)
+NEAR_INVALIDATIONS = Counter(
+    "catalog_near_cache_invalidations",
+    "Invalidation messages received from Redis for product keys (per key)",
+)
+NEAR_RESETS = Counter(
+    "catalog_near_cache_resets",
+    "Times the near cache was emptied: channel (re)built or lost, Redis flushed, nodes changed",
+    ["reason"],
+)
+NEAR_ENTRIES = Gauge("catalog_near_cache_entries", "Entries in the near cache")
+NEAR_BYTES = Gauge("catalog_near_cache_bytes", "Bytes the near cache accounts for")
+NEAR_WATERMARK_AGE = Gauge(
+    "catalog_near_cache_watermark_age_seconds",
+    "Age of the oldest node's last heartbeat seen through the invalidation channel",
+)
+NEAR_SUSPENDED_SECONDS = Gauge(
+    "catalog_near_cache_suspended_seconds",
+    "Total seconds the near cache did not serve because its watermark was too old (monotonic)",
+)
+
 
 def _guarded(read: Callable[[], float]) -> Callable[[], float]:
     """A scrape-time reader that reports NaN instead of failing the whole scrape."""
@@ -106,6 +138,14 @@ def watch_pools(engine: Any | None = None, redis: Any | None = None) -> None:
         REDIS_POOL.labels("in_use").set_function(_guarded(lambda: len(rpool._in_use_connections)))
         REDIS_POOL.labels("idle").set_function(_guarded(lambda: len(rpool._available_connections)))
         REDIS_POOL.labels("max").set_function(_guarded(lambda: rpool.max_connections))
+
+
+def watch_near(near: Any) -> None:
+    """Point the near-cache gauges at ``near`` (core.cache.near.NearCache)."""
+    NEAR_ENTRIES.set_function(_guarded(lambda: len(near)))
+    NEAR_BYTES.set_function(_guarded(lambda: near.size_bytes))
+    NEAR_WATERMARK_AGE.set_function(_guarded(near.watermark_age))
+    NEAR_SUSPENDED_SECONDS.set_function(_guarded(near.suspended_seconds))
 
 
 def watch_breaker(is_open: Callable[[], bool]) -> None:

@@ -136,6 +136,27 @@ class Settings:
         hi=3_600_000,
     )
 
+    near_cache_enabled: bool = option(
+        False,
+        "serve hot products from process memory (the near cache), kept in step with Redis "
+        "through client-side-caching invalidations",
+    )
+    near_cache_max_entries: int = option(
+        100_000, "most products the near cache holds per process", lo=1, hi=100_000_000
+    )
+    near_cache_max_bytes: int = option(
+        64 * 1024 * 1024, "most bytes the near cache accounts for per process", lo=4096
+    )
+    near_cache_max_staleness_ms: int = option(
+        50,
+        "a near-cache hit is never older than a change Redis made this long before the read: "
+        "past it without a heartbeat back, the near cache stops serving",
+        lo=1, hi=60_000,
+    )  # fmt: skip
+    near_cache_heartbeat_ms: int = option(
+        10, "pause between near-cache heartbeats (per Redis node)", lo=1, hi=60_000
+    )
+
     lease_ttl_ms: int = option(3000, "lease (fill lock) lifetime", lo=10, hi=120_000)
     lease_wait_ms: int = option(1000, "longest a reader waits for another's fill", lo=0, hi=60_000)
     lease_poll_ms: int = option(5, "poll interval while waiting for a fill", lo=1, hi=1000)
@@ -242,6 +263,11 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}LEASE_WAIT_MS ({self.lease_wait_ms}) must not exceed "
                 f"{PREFIX}LEASE_TTL_MS ({self.lease_ttl_ms})"
+            )
+        if self.near_cache_heartbeat_ms >= self.near_cache_max_staleness_ms:
+            raise SettingsError(
+                f"{PREFIX}NEAR_CACHE_HEARTBEAT_MS ({self.near_cache_heartbeat_ms}) must be below "
+                f"{PREFIX}NEAR_CACHE_MAX_STALENESS_MS ({self.near_cache_max_staleness_ms})"
             )
         if self.workers > 1 and port == "0":
             raise SettingsError(

@@ -23,11 +23,19 @@ from grpc_reflection.v1alpha._async import ReflectionServicer  # the asyncio ser
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import tracing
+from core.cache.near import NearCache
 from core.cache.reader import Reader
 from core.cache.store import CacheStore
+from core.cache.tracking import Tracking
 from core.db import create_engine
 from core.keys import Keys
-from core.metrics import sample_loop_lag, start_metrics_server, watch_breaker, watch_pools
+from core.metrics import (
+    sample_loop_lag,
+    start_metrics_server,
+    watch_breaker,
+    watch_near,
+    watch_pools,
+)
 from core.pagetokens import PageTokens
 from core.redisclient import RedisClient, connect
 from core.repository import Repository
@@ -84,6 +92,9 @@ class Service:
     _monitor: asyncio.Task[None]
     # Follows renames on the names channel (None with the cache off).
     _names: asyncio.Task[None] | None = None
+    # Keeps the near cache in step with Redis (None with the near cache off).
+    tracking: Tracking | None = None
+    _tracking: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, wait ``shutdown_drain_s``, refuse new RPCs, finish in-flight."""
@@ -91,7 +102,7 @@ class Service:
         if self.settings.shutdown_drain_s:
             await asyncio.sleep(self.settings.shutdown_drain_s)
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
-        for task in (self._monitor, self._names):
+        for task in (self._monitor, self._names, self._tracking):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -115,12 +126,20 @@ async def start(
     repo = repository(engine)
     keys = Keys(settings.key_namespace)
     store = create_store(redis, settings) if settings.cache_enabled else None
-    reader = Reader(store, repo, keys, settings)
+    near = None
+    if store is not None and settings.near_cache_enabled:
+        near = NearCache(
+            settings.near_cache_max_entries,
+            settings.near_cache_max_bytes,
+            settings.near_cache_max_staleness_ms,
+        )
+        watch_near(near)
+    reader = Reader(store, repo, keys, settings, near=near)
     tracing.instrument_engine(engine)  # no-ops unless tracing is on
     tracing.instrument_redis(redis)
     watch_pools(engine, redis)
     watch_breaker(lambda: reader.breaker.is_open)
-    writer = ProductWriter(engine, repo, reader.loader, reader.breaker)
+    writer = ProductWriter(engine, repo, reader.loader, reader.breaker, reader.near)
     views = ViewCounter(redis, keys, settings.views_max_pending)
     api = CatalogApi(reader, PageTokens(settings.page_token_secret), writer, views)
 
@@ -156,6 +175,12 @@ async def start(
         names = asyncio.create_task(reader.names.follow(redis, keys.names_channel))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reader.names.following.wait(), settings.redis_connect_timeout_s)
+    tracking = tracking_task = None
+    if near is not None:
+        tracking = near_cache_tracking(redis, near, keys, settings)
+        tracking_task = asyncio.create_task(tracking.run())
+        with contextlib.suppress(TimeoutError):  # until then, reads skip the near cache
+            await asyncio.wait_for(tracking.tracking.wait(), settings.redis_connect_timeout_s)
     await server.start()
     monitor = asyncio.create_task(_monitor_health(repo, health_servicer, settings))
     log.info(
@@ -166,7 +191,34 @@ async def start(
         "on" if settings.reflection else "off",
     )
     (log.warning if writers.read_only else log.info)("%s", writers.describe())
-    return Service(settings, server, port, redis, engine, reader, health_servicer, monitor, names)
+    return Service(
+        settings,
+        server,
+        port,
+        redis,
+        engine,
+        reader,
+        health_servicer,
+        monitor,
+        names,
+        tracking,
+        tracking_task,
+    )
+
+
+def near_cache_tracking(
+    redis: RedisClient, near: NearCache, keys: Keys, settings: Settings
+) -> Tracking:
+    """The invalidation channel of ``near``: a heartbeat every ``near_cache_heartbeat_ms``,
+    and a channel whose heartbeat has not come back within 20 staleness bounds (at least a
+    second) is rebuilt (core/cache/tracking.py)."""
+    return Tracking(
+        redis,
+        near,
+        keys,
+        heartbeat_s=settings.near_cache_heartbeat_ms / 1000.0,
+        broken_after_s=max(1.0, 20 * settings.near_cache_max_staleness_ms / 1000.0),
+    )
 
 
 async def _check_health(repo: Repository, servicer: HealthServicer, settings: Settings) -> None:

@@ -28,6 +28,7 @@ from catalog.v1 import catalog_pb2 as pb
 from core import tracing
 from core.cache.breaker import CircuitBreaker
 from core.cache.loader import REDIS_FAILURES, Loader
+from core.cache.near import NearCache
 from core.db import is_connection_error
 from core.errors import Aborted, InvalidArgument, NotFound
 from core.repository import Repository
@@ -116,17 +117,27 @@ class ProductWriter:
         repo: Repository,
         loader: Loader | None,
         breaker: CircuitBreaker,
+        near: NearCache | None = None,
     ) -> None:
         self.engine = engine
         self.repo = repo
         self.loader = loader
         self.breaker = breaker
+        self.near = near
 
     async def update(self, change: Change) -> bytes:
         """Apply ``change``; return the product as stored after the commit."""
         with tracing.span("catalog.update.commit", product_id=change.product_id):
             committed = await self._commit(change)
-        return await self._write_through(change.product_id, committed)
+        try:
+            return await self._write_through(change.product_id, committed)
+        finally:
+            if self.near is not None and self.loader is not None:
+                # Read your writes in this process: the older entry (held, or offered by a read
+                # that fetched it before the write-through) is dropped before the caller hears
+                # back, not when the channel reports the write (other processes: within the
+                # near cache's staleness bound).
+                self.near.invalidate(self.loader.keys.product(change.product_id))
 
     async def _commit(self, change: Change) -> bytes:
         """Commit the change (its capture trigger queues the event in the same transaction); the

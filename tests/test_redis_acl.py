@@ -93,8 +93,10 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
         grpc_address="127.0.0.1:0",
         metrics_port=0,
         name_ttl_ms=3_600_000,  # only the invalidator's announcement can show the rename
+        near_cache_enabled=True,
     )
     hits = Delta("catalog_cache_requests_total", op="get", result="hit")
+    near_hits = Delta("catalog_near_cache_requests_total", result="hit")
     service = await start(settings)
     admin = Redis.from_url(server.url)
     invalidator = None
@@ -130,6 +132,14 @@ async def test_the_service_and_the_invalidator_work_under_their_acl_users(
             except aio.AioRpcError as exc:  # served once the lead's RPC lands
                 assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
             assert hits() >= 1, "the second read was a cache hit"
+            near = service.reader.near
+            assert near is not None
+
+            async def near_hit() -> bool:
+                await stub.GetProduct(pb.GetProductRequest(id="p0000002"), timeout=10)
+                return near_hits() >= 1
+
+            await eventually(near_hit, 10, "a near-cache hit (its channel works under the ACL)")
 
             invalidator = subprocess.Popen(  # noqa: ASYNC220 (starts it, waits for nothing)
                 [sys.executable, "-m", "invalidator"],

@@ -28,6 +28,7 @@ from core.cache import entry
 from core.cache.breaker import CircuitBreaker
 from core.cache.loader import EMPTY_PAGE, REDIS_FAILURES, Loader
 from core.cache.names import NameTable
+from core.cache.near import NearCache
 from core.cache.singleflight import SingleFlight
 from core.cache.store import CacheStore
 from core.keys import Keys
@@ -62,9 +63,11 @@ class Reader:
         settings: Settings,
         breaker: CircuitBreaker | None = None,
         names: NameTable | None = None,
+        near: NearCache | None = None,
     ) -> None:
         """``names`` defaults to a table of this reader's own; a process follows its renames
-        with :meth:`NameTable.follow` (service.app)."""
+        with :meth:`NameTable.follow` (service.app). ``near``: the near cache, kept in step by
+        :class:`core.cache.tracking.Tracking` (service.app); None: off."""
         self.store = store
         self.repo = repo
         self.keys = keys
@@ -73,6 +76,7 @@ class Reader:
             settings.breaker_failures, settings.breaker_reset_s
         )
         self.names = names if names is not None else NameTable(repo.get_names, settings.name_ttl_ms)
+        self.near = near if store is not None else None
         self.loader = (
             Loader(store, repo, keys, settings, self._redis_failed, self.names)
             if store is not None
@@ -88,10 +92,19 @@ class Reader:
     async def get_product(self, product_id: str) -> bytes | None:
         """The product's bytes, or None when no product has this id."""
         loader = self.loader
+        near = self.near
+        if near is not None:
+            key = self.keys.product(product_id)
+            held = near.get(key)
+            if held is not None:
+                return self.names.complete(held) or await self._product_of(held)
         if loader is not None and self.breaker.allow():
             key = self.keys.product(product_id)
             try:
-                value = await loader.store.get(key)
+                if near is None:
+                    value = await loader.store.get(key)
+                else:
+                    value = await self._get_through(near, loader.store, key)
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
@@ -142,7 +155,7 @@ class Reader:
         loader = self.loader
         if loader is not None and self.breaker.allow():
             try:
-                values = await loader.store.mget([self.keys.product(i) for i in unique])
+                values = await self._mget_products(loader.store, unique)
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
@@ -207,6 +220,43 @@ class Reader:
                 out[product_id] = p.data if p else None
         return out
 
+    # -- the near cache ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _get_through(near: NearCache, store: CacheStore, key: str) -> bytes | None:
+        """GET ``key`` from Redis and offer the value to the near cache under a ticket taken
+        before the read (core/cache/near.py: a racing invalidation voids it)."""
+        ticket = near.ticket(key)
+        value = None
+        try:
+            value = await store.get(key)
+        finally:
+            near.put(key, value, ticket)
+        return value
+
+    async def _mget_products(self, store: CacheStore, ids: Sequence[str]) -> list[bytes | None]:
+        """The cached entries of ``ids`` (None: not cached): from the near cache where it serves
+        them, the rest in one MGET (per slot on a cluster), offered to the near cache."""
+        keys = [self.keys.product(i) for i in ids]
+        near = self.near
+        if near is None:
+            return await store.mget(keys) if keys else []
+        values = [near.get(k) for k in keys]
+        wanted = [n for n, v in enumerate(values) if v is None]
+        if not wanted:
+            return values
+        missing = [keys[n] for n in wanted]
+        tickets = [near.ticket(k) for k in missing]
+        fetched: list[bytes | None] = []
+        try:
+            fetched = await store.mget(missing)
+        finally:
+            for n, key in enumerate(missing):
+                near.put(key, fetched[n] if fetched else None, tickets[n])
+        for n, value in zip(wanted, fetched, strict=True):
+            values[n] = value
+        return values
+
     # -- names ---------------------------------------------------------------------------------
 
     async def _with_names(self, values: dict[str, bytes]) -> dict[str, bytes]:
@@ -255,8 +305,7 @@ class Reader:
                         refresh = self._quietly(lambda: loader.fill_page(*args, "refresh"))
                         self._refreshes.launch(page_key, refresh)
                 ids, next_after = self._page_ids(page) if page else ([], "")
-                keys = [self.keys.product(i) for i in ids]
-                values = await loader.store.mget(keys) if keys else []
+                values = await self._mget_products(loader.store, ids)
             except REDIS_FAILURES as exc:
                 self._redis_failed(exc)
             else:
