@@ -250,7 +250,8 @@ class _NodeChannel:
                         self.returned.set()
                 elif key.startswith(products) and not key.endswith(_LEASE):
                     metrics.NEAR_INVALIDATIONS.inc()
-                    owner.near.invalidate(key.decode())
+                    # Any bytes (a key written by hand): never an error that ends the session.
+                    owner.near.invalidate(key.decode(errors="surrogateescape"))
 
     async def beat(self) -> None:
         """Write a heartbeat, wait for it to come back, advance the watermark, pause; until

@@ -245,3 +245,16 @@ async def test_an_idle_process_stops_beating_and_a_lookup_wakes_it(svc: Service)
     assert near.get(svc.reader.keys.product(P)) is None, "the watermark aged while idle"
     await eventually(lambda: _true(not near.idle and near.serving()), 10, "beats again")
     assert near.get(svc.reader.keys.product(P)) is not None, "entries were kept"
+
+
+async def test_a_key_that_is_not_utf8_under_the_prefix_does_not_break_the_channel(
+    svc: Service, redis_client: RedisClient
+) -> None:
+    near = near_of(svc)
+    assert svc.tracking is not None
+    await held(svc, P)
+    sessions = svc.tracking.sessions
+    await redis_client.set(svc.reader.keys.product_prefix.encode() + b"{\xff\xfe}", b"x", px=1000)
+    await watermark_passes(near, time.monotonic())
+    assert svc.tracking.sessions == sessions
+    assert svc.reader.keys.product(P) in near._entries
