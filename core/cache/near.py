@@ -116,10 +116,6 @@ class NearCache:
     def size_bytes(self) -> int:
         return self._bytes
 
-    @property
-    def max_staleness_s(self) -> float:
-        return self._max_age
-
     # -- serving ----------------------------------------------------------------------------
 
     def serving(self) -> bool:

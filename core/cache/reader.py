@@ -93,13 +93,12 @@ class Reader:
         """The product's bytes, or None when no product has this id."""
         loader = self.loader
         near = self.near
+        key = self.keys.product(product_id) if loader is not None else ""
         if near is not None:
-            key = self.keys.product(product_id)
             held = near.get(key)
             if held is not None:
                 return self.names.complete(held) or await self._product_of(held)
         if loader is not None and self.breaker.allow():
-            key = self.keys.product(product_id)
             try:
                 if near is None:
                     value = await loader.store.get(key)
@@ -240,7 +239,7 @@ class Reader:
         keys = [self.keys.product(i) for i in ids]
         near = self.near
         if near is None:
-            return await store.mget(keys) if keys else []
+            return await store.mget(keys)
         values = [near.get(k) for k in keys]
         wanted = [n for n, v in enumerate(values) if v is None]
         if not wanted:

@@ -117,20 +117,19 @@ class CacheStore:
         per group."""
         groups = slot_groups([k[0] for k in entry_keys], self.per_slot)
 
-        async def run(group: list[int]) -> tuple[list[int], Any]:
+        def call(group: list[int]) -> tuple[list[str], list[Any]]:
             keys = [k for i in group for k in entry_keys[i]]
-            args = [*head_args, *(a for i in group for a in entry_args[i])]
-            return group, await self._eval(script, keys, args)
+            return keys, [*head_args, *(a for i in group for a in entry_args[i])]
 
         if len(groups) == 1:
-            return [await run(groups[0])]
-        if self.cluster:
-            calls = [
-                ([k for i in g for k in entry_keys[i]],
-                 [*head_args, *(a for i in g for a in entry_args[i])])
-                for g in groups
-            ]  # fmt: skip
-            return list(zip(groups, await self._eval_many(script, calls), strict=True))
+            return [(groups[0], await self._eval(script, *call(groups[0])))]
+        if self.cluster:  # one pipeline: a request per node, not one per slot
+            replies = await self._eval_many(script, [call(g) for g in groups])
+            return list(zip(groups, replies, strict=True))
+
+        async def run(group: list[int]) -> tuple[list[int], Any]:
+            return group, await self._eval(script, *call(group))
+
         return list(await asyncio.gather(*(run(g) for g in groups)))
 
     async def _eval_many(

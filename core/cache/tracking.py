@@ -194,21 +194,24 @@ class _NodeChannel:
         self.slot = slot
         self.beat_prefix = self.owner.beats + "{" + slot_tag(slot) + "}:"
 
-    def _connection(self, timeout: float | None) -> AbstractConnection:
+    def _connection(self) -> AbstractConnection:
+        """A connection of our own to the node: RESP2, no retries (a failure ends the session),
+        no socket timeout (the redirect connection blocks until a message comes; each beat on
+        the control connection is bounded as a whole, see :meth:`beat`)."""
         pool = self.client.connection_pool
         options: dict[str, Any] = dict(pool.connection_kwargs)
-        options.update(protocol=2, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        options.update(protocol=2, socket_timeout=None, retry=Retry(NoBackoff(), 0))
         return pool.connection_class(**options)
 
     async def open(self) -> None:
-        self.sub = self._connection(None)  # reads block until a message comes
+        self.sub = self._connection()
         await self.sub.connect()  # type: ignore[no-untyped-call]
         client_id = await self._call(self.sub, "CLIENT", "ID")
         await self.sub.send_command("SUBSCRIBE", CHANNEL)
         confirm = await self.sub.read_response()
         if not (isinstance(confirm, list) and confirm[0] == b"subscribe"):
             raise ChannelBroken(f"error: unexpected SUBSCRIBE reply {confirm!r}")
-        self.ctl = self._connection(None)  # each beat is bounded as a whole (see beat)
+        self.ctl = self._connection()
         await self.ctl.connect()  # type: ignore[no-untyped-call]
         await self._call(
             self.ctl, "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST",
@@ -330,7 +333,7 @@ class _NodeChannel:
         assert self.ctl is not None
         assert self.owner.tracked is not None
         ranges = await self._call(self.ctl, "CLUSTER", "SLOTS")
-        seen = {f"{r[2][0].decode()}:{r[2][1]}" for r in ranges}
+        seen = {_primary(r) for r in ranges}
         if seen != self.owner.tracked:
             raise ChannelBroken(f"topology: primaries now {sorted(seen)}")
         if retag:
@@ -338,13 +341,18 @@ class _NodeChannel:
             mine = (
                 slot
                 for r in ranges
-                if f"{r[2][0].decode()}:{r[2][1]}" == self.name
+                if _primary(r) == self.name
                 for slot in range(int(r[0]), int(r[1]) + 1)
             )
             slot = max((m for m in mine if m not in self.avoid), default=None)
             if slot is None:
                 raise ChannelBroken(f"topology: {self.name} has no slot to beat in")
             self.tag(slot)
+
+
+def _primary(slot_range: list[Any]) -> str:
+    """``host:port`` of the primary of one CLUSTER SLOTS entry (redis-py's node name)."""
+    return f"{slot_range[2][0].decode()}:{slot_range[2][1]}"
 
 
 def _config_epoch(info: bytes) -> bytes:
