@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from core.settings import SettingsError
 
@@ -66,15 +68,28 @@ LOOP_LAG = Gauge(
 )
 LOOP_LAG_INTERVAL_S = 0.5
 
-_NEAR_REQUESTS = Counter(
-    "catalog_near_cache_requests",
-    "Near-cache (in-process) lookups: hit, miss, or suspended (held but the invalidation "
-    "channel's watermark was older than CATALOG_NEAR_CACHE_MAX_STALENESS_MS)",
-    ["result"],
-)
-NEAR_HITS = _NEAR_REQUESTS.labels("hit")
-NEAR_MISSES = _NEAR_REQUESTS.labels("miss")
-NEAR_SUSPENDED = _NEAR_REQUESTS.labels("suspended")
+#: Near-cache lookups by result, ``NEAR_LOOKUPS[HIT|MISS|SUSPENDED] += 1``: plain ints on the
+#: event loop's thread (a hit is the hottest path there is; a ``Counter.inc`` takes a lock),
+#: read by the scrape thread through :class:`_NearLookups`.
+NEAR_LOOKUPS = [0, 0, 0]
+HIT, MISS, SUSPENDED = 0, 1, 2
+
+
+class _NearLookups(Collector):
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "catalog_near_cache_requests",
+            "Near-cache (in-process) lookups: hit, miss, or suspended (held but the "
+            "invalidation channel's watermark was older than CATALOG_NEAR_CACHE_MAX_STALENESS_MS)",
+            labels=("result",),
+        )
+        counts = list(NEAR_LOOKUPS)
+        for result, n in zip(("hit", "miss", "suspended"), counts, strict=True):
+            family.add_metric((result,), n)
+        yield family
+
+
+REGISTRY.register(_NearLookups())
 NEAR_EVICTIONS = Counter(
     "catalog_near_cache_evictions", "Near-cache entries evicted to stay within its size bounds"
 )

@@ -36,6 +36,9 @@ from typing import NamedTuple
 from core import metrics
 from core.cache import entry
 
+_LOOKUPS = metrics.NEAR_LOOKUPS  # lookups by result, plain ints (core.metrics)
+_HIT, _MISS, _SUSPENDED = metrics.HIT, metrics.MISS, metrics.SUSPENDED
+
 # Bytes counted per entry beyond the value: the key, the tuple and the table's slot (CPython).
 ENTRY_OVERHEAD = 200
 
@@ -126,17 +129,17 @@ class NearCache:
         self.reads += 1
         found = self._entries.get(key)
         if found is None:
-            metrics.NEAR_MISSES.inc()
+            _LOOKUPS[_MISS] += 1
             return None
         now = self._clock()
         if now - self.watermark > self._max_age:
-            metrics.NEAR_SUSPENDED.inc()
+            _LOOKUPS[_SUSPENDED] += 1
             return None
         if found.fresh_until <= now:
-            metrics.NEAR_MISSES.inc()
+            _LOOKUPS[_MISS] += 1
             return None
         self._entries.move_to_end(key)
-        metrics.NEAR_HITS.inc()
+        _LOOKUPS[_HIT] += 1
         return found.raw
 
     # -- filling ----------------------------------------------------------------------------
