@@ -256,17 +256,30 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisProcess, Path]]:
 async def test_the_service_reads_through_rediss(
     tls_redis: tuple[RedisProcess, Path], settings: Settings
 ) -> None:
+    """Reads, and the near cache's channel (its connections taken over from redis-py after the
+    TLS handshake), over ``rediss://``."""
     server, ca = tls_redis
     url = f"rediss://127.0.0.1:{server.tls_port}/0?ssl_ca_certs={ca}"  # type: ignore[attr-defined]
     errors = Delta("catalog_redis_errors_total")
     hits = Delta("catalog_cache_requests_total", op="get", result="hit")
-    service = await start(settings.replace(redis_url=url, grpc_address="127.0.0.1:0"))
+    near_hits = Delta("catalog_near_cache_requests_total", result="hit")
+    service = await start(
+        settings.replace(redis_url=url, grpc_address="127.0.0.1:0", near_cache_enabled=True)
+    )
     try:
         async with writer_channel(f"127.0.0.1:{service.port}") as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             for _ in range(2):
                 await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
-        assert errors() == 0 and hits() == 1
+            assert errors() == 0 and hits() + near_hits() == 1  # the second read, a hit
+
+            async def near_hit() -> bool:
+                await stub.GetProduct(pb.GetProductRequest(id="p0000001"), timeout=10)
+                return near_hits() >= 1
+
+            await eventually(near_hit, 10, "a near-cache hit (its channel works over TLS)")
+        assert service.tracking is not None and service.tracking.sessions == 1
+        assert errors() == 0
     finally:
         await service.stop(grace=0)
 

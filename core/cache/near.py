@@ -73,8 +73,10 @@ class NearCache:
         "_suspended_total",
         "_voided",
         "_wall_ms",
+        "beat_due",
         "epoch",
         "idle",
+        "on_due",
         "reads",
         "seq",
         "watermark",
@@ -111,6 +113,10 @@ class NearCache:
         self.reads = 0
         #: Set while the channel does not beat for want of lookups (not counted as suspended).
         self.idle = False
+        #: From this instant (monotonic) the next lookup calls ``on_due``: the channel's next
+        #: heartbeat rides on a lookup, not on a timer of its own (core/cache/tracking.py).
+        self.beat_due = float("inf")
+        self.on_due: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -127,11 +133,14 @@ class NearCache:
     def get(self, key: str) -> bytes | None:
         """The entry, if held, fresh, and the channel is up to date; else None."""
         self.reads += 1
+        now = self._clock()
+        if now >= self.beat_due and self.on_due is not None:
+            self.beat_due = float("inf")
+            self.on_due()
         found = self._entries.get(key)
         if found is None:
             _LOOKUPS[_MISS] += 1
             return None
-        now = self._clock()
         if now - self.watermark > self._max_age:
             _LOOKUPS[_SUSPENDED] += 1
             return None

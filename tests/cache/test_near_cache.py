@@ -231,15 +231,13 @@ class HeldBack:
 async def test_an_idle_process_stops_beating_and_a_lookup_wakes_it(svc: Service) -> None:
     """No lookup for IDLE_S: the beats stop (nothing is refused meanwhile, so no time counts
     as suspended); the next lookups start them again and the near cache serves again."""
-    from core.cache.tracking import IDLE_POLL_S
-
     near = near_of(svc)
     assert svc.tracking is not None
     await held(svc, P)
     await eventually(lambda: _true(near.idle), 10, "the channel to go idle")
     beats = [c.number for c in svc.tracking.channels]
     suspended = near.suspended_seconds()
-    await asyncio.sleep(IDLE_POLL_S * 4)  # idle for a while: nothing may happen
+    await asyncio.sleep(0.2)  # idle for a while: nothing may happen
     assert [c.number for c in svc.tracking.channels] == beats
     assert near.suspended_seconds() == suspended
     assert near.get(svc.reader.keys.product(P)) is None, "the watermark aged while idle"
@@ -258,3 +256,35 @@ async def test_a_key_that_is_not_utf8_under_the_prefix_does_not_break_the_channe
     await watermark_passes(near, time.monotonic())
     assert svc.tracking.sessions == sessions
     assert svc.reader.keys.product(P) in near._entries
+
+
+async def test_the_next_beat_rides_on_the_first_lookup_after_it_is_due(svc: Service) -> None:
+    """A serving process sends its next heartbeat from within a lookup, not from a timer of its
+    own: a lookup before the beat is due sends nothing; the first one after sends it at once,
+    on every node; the next lookups send nothing until that beat is back."""
+    near, tracking = near_of(svc), svc.tracking
+    assert tracking is not None
+    channels = tracking.channels
+    assert channels
+
+    async def waiting() -> bool:  # every node's beat back, the next not sent yet
+        return not any(c.in_flight for c in channels)
+
+    await eventually(waiting, 10, "every beat back")
+    beats = [c.number for c in channels]
+    for channel in channels:
+        channel.due_at = near._clock() + 3600  # not due for an hour
+    tracking.schedule()
+    near.get("a lookup")
+    assert [c.number for c in channels] == beats, "a beat sent before it was due"
+    for channel in channels:
+        channel.due_at = near._clock()  # due now
+    tracking.schedule()
+    near.get("a lookup")  # no await in between: only the lookup can have sent them
+    assert [c.number for c in channels] == [n + 1 for n in beats]
+    assert all(c.in_flight for c in channels)
+    near.get("a lookup")
+    assert [c.number for c in channels] == [n + 1 for n in beats], "a second beat in flight"
+    sessions = tracking.sessions
+    await watermark_passes(near, time.monotonic())  # beats go on, in the same session
+    assert tracking.sessions == sessions
