@@ -154,8 +154,11 @@ class Settings:
         lo=1, hi=60_000,
     )  # fmt: skip
     near_cache_heartbeat_ms: int = option(
-        10, "pause between near-cache heartbeats (per Redis node)", lo=1, hi=60_000
-    )
+        20,
+        "near-cache heartbeat interval (per Redis node): a healthy watermark is about this old "
+        "at most; below the staleness bound, which it eats into",
+        lo=1, hi=60_000,
+    )  # fmt: skip
 
     lease_ttl_ms: int = option(3000, "lease (fill lock) lifetime", lo=10, hi=120_000)
     lease_wait_ms: int = option(1000, "longest a reader waits for another's fill", lo=0, hi=60_000)
