@@ -156,10 +156,26 @@ def run(
         why.append(f"the server counted {ok:.0f} OK calls, h2load {done}")
     if ok is None and response_size is not None and got["data_bytes"] != done * (5 + response_size):
         why.append(f"{got['data_bytes']:.0f} response bytes, not {done} x {5 + response_size}")
-    elapsed = got["elapsed_s"]
+    return _summary(
+        done, int(got["failed"]), got["elapsed_s"], latencies, server_cpu, client_cpu, wall, why
+    )
+
+
+def _summary(
+    done: int,
+    errors: int,
+    elapsed: float,
+    latencies: list[float],
+    server_cpu: float,
+    client_cpu: float,
+    wall: float,
+    why: list[str],
+) -> dict[str, Any]:
+    """The figures of bench/measure.py's summary, ``valid`` and ``why``, and what
+    :func:`combine` adds up."""
     return {
         "count": done,
-        "errors": int(got["failed"]),
+        "errors": errors,
         "elapsed_s": elapsed,
         "rps": done / elapsed if elapsed else 0.0,
         "p50_ms": percentile(latencies, 0.50) * 1000,
@@ -171,4 +187,23 @@ def run(
         "total": done,
         "valid": not why,
         "why": "; ".join(why),
+        "latencies": latencies,
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+        "wall_s": wall,
     }
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of :func:`run` as one: calls, times and CPU added up, percentiles over
+    every call's latency."""
+    return _summary(
+        sum(r["count"] for r in results),
+        sum(r["errors"] for r in results),
+        sum(r["elapsed_s"] for r in results),
+        sorted(x for r in results for x in r["latencies"]),
+        sum(r["server_cpu_s"] for r in results),
+        sum(r["client_cpu_s"] for r in results),
+        sum(r["wall_s"] for r in results),
+        [r["why"] for r in results if r["why"]],
+    )

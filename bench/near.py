@@ -5,8 +5,11 @@ a Zipf(1.1) read load with it on and off. One after another, in the same run:
   (``bench/floor_server.py echo``: a bare grpc.aio server answering the product's stored bytes
   from memory), and GetProduct of that product held in L1: each loaded by h2load
   (bench/h2load.py), a C generator that costs the machine little CPU, with the connections and
-  calls in flight of bench/loadgen.py; floor (b) and the L1 hit also at a fixed rate (open
-  loop), where their CPU per call compares at the same load. Each h2load run is checked (the
+  calls in flight of bench/loadgen.py. Floor (b) and the L1 hit run in :data:`PAIRS`
+  alternating pairs, both servers up, one loaded at a time, their runs added up: a shared
+  machine drifts by more than the difference measured, and alternation gives both the same
+  drift. Both also at a fixed rate (open loop), where their CPU per call compares at the
+  same load. Each h2load run is checked (the
   service's ``grpc_server_handled_total`` OK count, the floor's response bytes), and the L1 run
   also by the near cache's own counters: were its lookups not hits, it measured Redis, not L1.
   The idle CPU of a server with L1 on (its heartbeats) and off.
@@ -46,6 +49,9 @@ FLOOR = "(b) bare gRPC echo, no Redis (h2load)"
 L1_HIT = "GetProduct L1 hit vs floor (b) (h2load)"
 REDIS_HIT = "GetProduct Redis hit, L1 off, vs floor (b) (h2load)"
 ZIPF = "Zipf(1.1) over 100k, GetProduct, L1 on vs off (loadgen.py)"
+#: Floor and L1-hit runs per benchmark run, alternating (floor first, then L1 first, ...), each
+#: the length of a bench/rpc.py run; their figures are added up (h2load.combine).
+PAIRS = 4
 #: The open-loop rate of the fixed-rate rows: one both servers sustain on a shared 2-core machine,
 #: so their CPU per call is compared at the same load (the heartbeats' cost is per second).
 FIXED_RATE = 1000.0
@@ -118,21 +124,35 @@ def hit_rows(env: BenchEnv, timing: Timing, idle_s: float) -> list[Row]:
             idle_off = idle_cores(plain, idle_s)
             via_redis = h2load_run(plain, timing, ok_calls=ok_calls(plain))
         size = len(redis.get(key) or b"")
-        with server(on, "-m", "bench.floor_server", "echo", key) as echo:
-            floor = h2load_run(echo, timing, response_size=size)
-            floor_fixed = h2load_run(echo, timing, FIXED_RATE, response_size=size)
-        with server(on) as l1:
+        with (
+            server(on, "-m", "bench.floor_server", "echo", key) as echo,
+            server(on) as l1,
+        ):
             warm_near(l1)
             idle_on = idle_cores(l1, idle_s)
+            floor_runs: list[dict[str, Any]] = []
+            hit_runs: list[dict[str, Any]] = []
             before, reads0 = near_counts(l1), redis.info("stats")["total_reads_processed"]
-            hit = h2load_run(l1, timing, ok_calls=ok_calls(l1))
+            for i in range(PAIRS):  # alternating, so both meet the same machine
+                for proc in (echo, l1) if i % 2 == 0 else (l1, echo):
+                    if proc is echo:
+                        floor_runs.append(h2load_run(echo, timing, response_size=size))
+                    else:
+                        hit_runs.append(h2load_run(l1, timing, ok_calls=ok_calls(l1)))
             lookups = near_delta(l1, before)
             reads = redis.info("stats")["total_reads_processed"] - reads0 - 1  # our own INFO
+            floor, hit = h2load.combine(floor_runs), h2load.combine(hit_runs)
+            floor_fixed = h2load_run(echo, timing, FIXED_RATE, response_size=size)
             hit_fixed = h2load_run(l1, timing, FIXED_RATE, ok_calls=ok_calls(l1))
     finally:
         redis.close()
 
-    # Each run's ratios, as they come: the medians hide how far the pairs scatter.
+    # Each pair's ratios, as they come: the medians hide how far the pairs scatter.
+    pairs = ", ".join(
+        f"{h['rps'] / f['rps']:.2f}/{h['server_cpu_s_per_1k'] / f['server_cpu_s_per_1k']:.2f}"
+        for f, h in zip(floor_runs, hit_runs, strict=True)
+    )
+    print(f"  L1 hit / floor (b) by pair, RPS/CPU per call: {pairs}", flush=True)
     print(
         f"  L1 hit / floor (b): RPS {hit['rps'] / floor['rps']:.2f}, CPU per call "
         f"{hit['server_cpu_s_per_1k'] / floor['server_cpu_s_per_1k']:.2f} (at "
