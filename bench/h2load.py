@@ -29,13 +29,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.measure import cpu_seconds, percentile
+from bench.measure import cpu_seconds, merge, summarize
 
 INSTALL = "apt-get install nghttp2-client"
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s)")
@@ -124,9 +123,9 @@ def run(
     ok_calls: Callable[[], float] | None = None,
     response_size: int | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then measure; the figures of bench/measure.py's summary, plus ``valid`` and
-    ``why``. Check by ``ok_calls`` (the server's count of OK calls) when given, else by
-    ``response_size`` (the response message's length)."""
+    """Warm up, then measure; the figures of bench/measure.py's summary, ``valid``, ``why``
+    and the latencies (for :func:`combine`). Check by ``ok_calls`` (the server's count of OK
+    calls) when given, else by ``response_size`` (the response message's length)."""
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
         body = Path(tmp) / "request"
         body.write_bytes(frame(load.request))
@@ -137,9 +136,7 @@ def run(
         log = Path(tmp) / "log"
         ok0 = ok_calls() if ok_calls is not None else 0.0
         server0 = cpu_seconds(load.server_pids)
-        t0 = time.perf_counter()
         output, client_cpu = _h2load(load, body, "-n", str(calls), log=log)
-        wall = time.perf_counter() - t0
         server_cpu = cpu_seconds(load.server_pids) - server0
         ok = ok_calls() - ok0 if ok_calls is not None else None
         latencies = sorted(
@@ -156,54 +153,14 @@ def run(
         why.append(f"the server counted {ok:.0f} OK calls, h2load {done}")
     if ok is None and response_size is not None and got["data_bytes"] != done * (5 + response_size):
         why.append(f"{got['data_bytes']:.0f} response bytes, not {done} x {5 + response_size}")
-    return _summary(
-        done, int(got["failed"]), got["elapsed_s"], latencies, server_cpu, client_cpu, wall, why
-    )
-
-
-def _summary(
-    done: int,
-    errors: int,
-    elapsed: float,
-    latencies: list[float],
-    server_cpu: float,
-    client_cpu: float,
-    wall: float,
-    why: list[str],
-) -> dict[str, Any]:
-    """The figures of bench/measure.py's summary, ``valid`` and ``why``, and what
-    :func:`combine` adds up."""
-    return {
-        "count": done,
-        "errors": errors,
-        "elapsed_s": elapsed,
-        "rps": done / elapsed if elapsed else 0.0,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p90_ms": percentile(latencies, 0.90) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "server_cpu_s_per_1k": server_cpu / done * 1000 if done else float("nan"),
-        "server_cores": server_cpu / wall if wall else 0.0,
-        "client_cores": client_cpu / wall if wall else 0.0,
-        "total": done,
-        "valid": not why,
-        "why": "; ".join(why),
-        "latencies": latencies,
-        "server_cpu_s": server_cpu,
-        "client_cpu_s": client_cpu,
-        "wall_s": wall,
-    }
+    return summarize(done, int(got["failed"]), got["elapsed_s"], latencies, server_cpu,
+                     client_cpu, done) | {"valid": not why, "why": "; ".join(why),
+                                          "latencies": latencies}  # fmt: skip
 
 
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several runs of :func:`run` as one: calls, times and CPU added up, percentiles over
-    every call's latency."""
-    return _summary(
-        sum(r["count"] for r in results),
-        sum(r["errors"] for r in results),
-        sum(r["elapsed_s"] for r in results),
-        sorted(x for r in results for x in r["latencies"]),
-        sum(r["server_cpu_s"] for r in results),
-        sum(r["client_cpu_s"] for r in results),
-        sum(r["wall_s"] for r in results),
-        [r["why"] for r in results if r["why"]],
-    )
+    """Several runs of :func:`run` as one (bench/measure.py's ``merge``), valid if all were."""
+    return merge(results) | {
+        "valid": all(r["valid"] for r in results),
+        "why": "; ".join(r["why"] for r in results if r["why"]),
+    }

@@ -66,55 +66,60 @@ class Window:
         self.client_cpu1 = time.process_time()
 
     def summary(self, **extra: Any) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-        elapsed = self.stopped - self.started
-        count = len(lat)
-        server_cpu = self.server_cpu1 - self.server_cpu0
         return (
-            asdict(
-                Summary(
-                    count=count,
-                    errors=self.errors,
-                    elapsed_s=elapsed,
-                    rps=count / elapsed if elapsed else 0.0,
-                    p50_ms=percentile(lat, 0.50) * 1000,
-                    p90_ms=percentile(lat, 0.90) * 1000,
-                    p99_ms=percentile(lat, 0.99) * 1000,
-                    server_cpu_s_per_1k=server_cpu / count * 1000 if count else float("nan"),
-                    server_cores=server_cpu / elapsed if elapsed else 0.0,
-                    client_cores=(self.client_cpu1 - self.client_cpu0) / elapsed
-                    if elapsed
-                    else 0.0,
-                    total=self.total,
-                )
+            summarize(
+                len(self.latencies),
+                self.errors,
+                self.stopped - self.started,
+                sorted(self.latencies),
+                self.server_cpu1 - self.server_cpu0,
+                self.client_cpu1 - self.client_cpu0,
+                self.total,
             )
             | extra
         )
+
+
+def summarize(
+    count: int,
+    errors: int,
+    elapsed: float,
+    latencies: list[float],
+    server_cpu: float,
+    client_cpu: float,
+    total: int,
+) -> dict[str, Any]:
+    """The :class:`Summary` of ``count`` calls in ``elapsed`` seconds (``latencies`` sorted;
+    CPU in seconds over the same time)."""
+    return asdict(
+        Summary(
+            count=count,
+            errors=errors,
+            elapsed_s=elapsed,
+            rps=count / elapsed if elapsed else 0.0,
+            p50_ms=percentile(latencies, 0.50) * 1000,
+            p90_ms=percentile(latencies, 0.90) * 1000,
+            p99_ms=percentile(latencies, 0.99) * 1000,
+            server_cpu_s_per_1k=server_cpu / count * 1000 if count else float("nan"),
+            server_cores=server_cpu / elapsed if elapsed else 0.0,
+            client_cores=client_cpu / elapsed if elapsed else 0.0,
+            total=total,
+        )
+    )
 
 
 def merge(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary of several windows on the same server(s), each summarized with its
     ``latencies``: totals add up, rates and CPU are over the windows' summed time, and the
     percentiles are of every latency."""
-    lat = sorted(x for s in summaries for x in s["latencies"])
-    count = sum(s["count"] for s in summaries)
-    elapsed = sum(s["elapsed_s"] for s in summaries)
-    server_cpu = sum(s["server_cores"] * s["elapsed_s"] for s in summaries)
-    client_cpu = sum(s["client_cores"] * s["elapsed_s"] for s in summaries)
-    return asdict(
-        Summary(
-            count=count,
-            errors=sum(s["errors"] for s in summaries),
-            elapsed_s=elapsed,
-            rps=count / elapsed if elapsed else 0.0,
-            p50_ms=percentile(lat, 0.50) * 1000,
-            p90_ms=percentile(lat, 0.90) * 1000,
-            p99_ms=percentile(lat, 0.99) * 1000,
-            server_cpu_s_per_1k=server_cpu / count * 1000 if count else float("nan"),
-            server_cores=server_cpu / elapsed if elapsed else 0.0,
-            client_cores=client_cpu / elapsed if elapsed else 0.0,
-            total=sum(s["total"] for s in summaries),
-        )
+    return summarize(
+        sum(s["count"] for s in summaries),
+        sum(s["errors"] for s in summaries),
+        sum(s["elapsed_s"] for s in summaries),
+        sorted(x for s in summaries for x in s["latencies"]),
+        sum(s["server_cores"] * s["elapsed_s"] for s in summaries),
+        sum(s["client_cores"] * s["elapsed_s"] for s in summaries),
+        sum(s["total"] for s in summaries),
     )
 
 

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from bench.h2load import _summary, combine, frame, parse
+from bench.h2load import combine, frame, parse
+from bench.measure import summarize
+
+
+def run(count: int, seconds: float, latency: float, cpu: float, why: str = "") -> dict[str, Any]:
+    """A result of ``h2load.run``: ``count`` calls of ``latency`` each."""
+    latencies = [latency] * count
+    return summarize(count, 0, seconds, latencies, cpu, cpu / 10, count) | {
+        "valid": not why,
+        "why": why,
+        "latencies": latencies,
+    }
 
 
 def test_runs_combine_as_one_run_of_all_their_calls() -> None:
-    a = _summary(100, 0, 1.0, [0.001] * 100, 0.05, 0.01, 1.0, [])
-    b = _summary(300, 0, 2.0, [0.003] * 300, 0.25, 0.02, 2.0, ["1 bad"])
+    a, b = run(100, 1.0, 0.001, 0.05), run(300, 2.0, 0.003, 0.25, why="1 bad")
     both = combine([a, b])
     assert both["count"] == 400
     assert both["rps"] == 400 / 3.0  # calls over time, not a mean of the two rates (100, 150)
